@@ -1,0 +1,153 @@
+"""Typed configuration schema, registered with Hydra's ConfigStore.
+
+Each component receives only its own part (``ModelConfig`` for the model builder,
+``ClusterConfig`` for the renderer and backends, ...). Hydra merges the YAML files under
+``configs/`` onto these dataclasses, so an unknown key or a wrong type is refused while
+the config is composed; cross-field rules live in ``launcher.validate``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a Llama-style decoder (RMSNorm, SwiGLU, RoPE, GQA)."""
+
+    name: str = MISSING
+    num_layers: int = MISSING
+    hidden_size: int = MISSING
+    ffn_hidden_size: int = MISSING
+    num_attention_heads: int = MISSING
+    num_query_groups: int = MISSING  # KV heads (GQA groups)
+    vocab_size: int = MISSING  # tokenizer vocabulary, before padding
+    make_vocab_size_divisible_by: int = 128  # padded vocab = next multiple (must divide by TP)
+    max_position_embeddings: int = 8192
+    rope_theta: float = 500000.0
+    rope_scaling_factor: Optional[float] = None  # Llama 3.1 long-context RoPE scaling
+    tie_embeddings: bool = False
+    norm_eps: float = 1e-5
+    init_method_std: float = 0.02
+
+
+@dataclass
+class ClusterConfig:
+    """Where the job runs: this machine (``local``) or a Slurm cluster."""
+
+    name: str = "local"
+    kind: str = "local"  # local | slurm | hyperpod
+    gpu_type: str = "cpu"  # see cluster.gpus.GPU_TYPES
+    gpus_per_node: int = 1  # processes per node (CPU processes for gpu_type=cpu)
+    nodes: int = 1
+    instance_type: Optional[str] = None  # e.g. ml.p5.48xlarge: picks the EFA/NCCL environment
+    efa_devices: int = 0
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    reservation: Optional[str] = None
+    time_limit: str = "04:00:00"  # Slurm time: [D-]HH:MM:SS
+    exclusive: bool = True
+    gpus_per_node_flag: bool = False  # emit --gpus-per-node (generic clusters with GPU GRES)
+    container_image: Optional[str] = None  # pyxis/enroot image (.sqsh path or registry URI)
+    container_mounts: list[str] = field(default_factory=list)  # "src:dst" pairs
+    requeue: bool = True
+    signal_seconds: int = 300  # --signal=USR2@N: checkpoint this long before the time limit
+    dependency: Optional[str] = None  # e.g. "afterok:1234"
+    slurm_backend: str = "auto"  # auto | cli | pyslurm
+    python: str = "python3"  # interpreter on the compute nodes (inside the container if any)
+    workdir: Optional[str] = None  # code directory on the nodes; default: the submitting checkout
+    rdzv_port: int = 29500
+    env: dict[str, str] = field(default_factory=dict)  # extra env vars, written as values
+    secret_env: list[str] = field(default_factory=list)  # names forwarded from the submitter, never written
+    extra_sbatch: list[str] = field(default_factory=list)  # extra "--flag=value" header lines
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # synthetic | indexed
+    paths: list[str] = field(default_factory=list)  # indexed dataset path prefixes (no .bin/.idx)
+    split: str = "100,0,0"
+    cache_dir: Optional[str] = None
+    seed: int = 1234
+
+
+@dataclass
+class TrainingConfig:
+    seq_length: int = 2048
+    global_batch_size: int = 8
+    micro_batch_size: int = 1
+    train_steps: Optional[int] = None
+    train_tokens: Optional[int] = None  # alternative to train_steps
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    lr_warmup_steps: int = 0
+    lr_decay_style: str = "cosine"  # constant | linear | cosine
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    precision: str = "bf16"  # bf16 | fp16 | fp32
+    seed: int = 1234
+    log_interval: int = 1
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+@dataclass
+class ParallelismConfig:
+    mode: str = "manual"  # manual | auto (auto: filled by the memory predictor)
+    tp: int = 1
+    pp: int = 1
+    vpp: Optional[int] = None  # virtual pipeline chunks per rank (interleaved 1F1B)
+    cp: int = 1
+    dp: Optional[int] = None  # derived from the world size when null
+    sequence_parallel: bool = False
+    recompute: str = "none"  # none | selective | full
+    recompute_num_layers: int = 1  # for full recompute (uniform method)
+    distributed_optimizer: bool = True
+    overlap_grad_reduce: bool = True
+    overlap_param_gather: bool = True
+    tp_comm_overlap: bool = False
+
+
+@dataclass
+class CheckpointConfig:
+    enabled: bool = False
+    dir: Optional[str] = None  # default: <run dir>/checkpoints
+    save_interval: int = 0  # steps; 0 = only the final save
+    async_save: bool = True
+    keep_last: int = 3
+
+
+@dataclass
+class MonitoringConfig:
+    prometheus: bool = False
+    wandb: bool = False
+    wandb_project: Optional[str] = None
+
+
+@dataclass
+class RootConfig:
+    """The whole job. Only the launcher sees all of it; components get their part."""
+
+    run_name: str = "run"
+    runs_root: str = "runs"
+    dry_run: bool = False
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+
+
+def register_configs() -> None:
+    """Register the schema so configs/launcher.yaml can list ``root_schema`` first."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="root_schema", node=RootConfig)

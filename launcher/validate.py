@@ -1,0 +1,286 @@
+"""Cross-field validation of a composed config: every problem at once, each actionable.
+
+Each problem names the field, the value it has and how to fix it. Nothing here touches
+the filesystem or Slurm, so a refused config leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from cluster.gpus import GPU_TYPES
+from cluster.instances import lookup_instance
+from launcher.schema import RootConfig
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_TIME = re.compile(r"^(?:(\d+)-)?(\d+):(\d{2}):(\d{2})$|^(\d+)$")
+# characters that sbatch's own #SBATCH parser or its %-patterns would misread in a path
+_UNSAFE_HEADER_PATH = re.compile(r"[\s'\"\\%$`;&|<>]")
+
+KINDS = ("local", "slurm", "hyperpod")
+BACKENDS = ("auto", "cli", "pyslurm")
+PRECISIONS = ("bf16", "fp16", "fp32")
+RECOMPUTE = ("none", "selective", "full")
+DECAY = ("constant", "linear", "cosine")
+DATA_SOURCES = ("synthetic", "indexed")
+
+
+@dataclass(frozen=True)
+class Problem:
+    field: str
+    value: object
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.field} = {self.value!r}: {self.fix}"
+
+
+class ConfigError(Exception):
+    """A user mistake in the config. Printed without a traceback; exit status 2."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        lines = [f"invalid configuration ({len(problems)} problem{'s' * (len(problems) > 1)}):"]
+        lines += [f"  - {p}" for p in problems]
+        super().__init__("\n".join(lines))
+
+
+def parse_time_limit(value: str) -> int | None:
+    """Slurm time limit ``[D-]HH:MM:SS`` or minutes -> seconds; None when malformed."""
+    m = _TIME.match(value.strip())
+    if not m:
+        return None
+    if m.group(5) is not None:
+        return int(m.group(5)) * 60
+    days, hours, minutes, seconds = (int(g or 0) for g in m.groups()[:4])
+    if minutes >= 60 or seconds >= 60:
+        return None
+    return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
+def padded_vocab_size(vocab: int, divisible_by: int) -> int:
+    return int(math.ceil(vocab / divisible_by) * divisible_by)
+
+
+def derived_dp(cfg: RootConfig) -> int | None:
+    """Data-parallel size implied by the world size, or the explicit one."""
+    p = cfg.parallelism
+    if p.dp is not None:
+        return p.dp
+    world = cfg.cluster.nodes * cfg.cluster.gpus_per_node
+    model_parallel = p.tp * p.pp * p.cp
+    if model_parallel <= 0 or world % model_parallel:
+        return None
+    return world // model_parallel
+
+
+def validate(cfg: RootConfig) -> None:
+    """Raise ConfigError listing every problem; return None when the config is usable."""
+    problems: list[Problem] = []
+    add = lambda f, v, fix: problems.append(Problem(f, v, fix))  # noqa: E731
+
+    _check_positive(cfg, add)
+    _check_choices(cfg, add)
+    _check_cluster(cfg, add)
+    if not problems:  # the divisibility rules need positive sizes
+        _check_layout(cfg, add)
+        _check_training(cfg, add)
+    if problems:
+        raise ConfigError(problems)
+
+
+def _check_positive(cfg: RootConfig, add) -> None:
+    m, t, p, c = cfg.model, cfg.training, cfg.parallelism, cfg.cluster
+    sizes = {
+        "model.num_layers": m.num_layers,
+        "model.hidden_size": m.hidden_size,
+        "model.ffn_hidden_size": m.ffn_hidden_size,
+        "model.num_attention_heads": m.num_attention_heads,
+        "model.num_query_groups": m.num_query_groups,
+        "model.vocab_size": m.vocab_size,
+        "model.make_vocab_size_divisible_by": m.make_vocab_size_divisible_by,
+        "model.max_position_embeddings": m.max_position_embeddings,
+        "training.seq_length": t.seq_length,
+        "training.global_batch_size": t.global_batch_size,
+        "training.micro_batch_size": t.micro_batch_size,
+        "training.log_interval": t.log_interval,
+        "parallelism.tp": p.tp,
+        "parallelism.pp": p.pp,
+        "parallelism.cp": p.cp,
+        "parallelism.recompute_num_layers": p.recompute_num_layers,
+        "cluster.nodes": c.nodes,
+        "cluster.gpus_per_node": c.gpus_per_node,
+    }
+    for name, value in sizes.items():
+        if value <= 0:
+            add(name, value, "must be a positive integer")
+    for name, opt in (("parallelism.vpp", p.vpp), ("parallelism.dp", p.dp),
+                      ("training.train_steps", t.train_steps), ("training.train_tokens", t.train_tokens)):
+        if opt is not None and opt <= 0:
+            add(name, opt, "must be a positive integer, or null")
+    if t.lr <= 0:
+        add("training.lr", t.lr, "must be > 0")
+    if t.min_lr < 0 or t.min_lr > t.lr:
+        add("training.min_lr", t.min_lr, f"must be between 0 and training.lr ({t.lr})")
+    if t.lr_warmup_steps < 0:
+        add("training.lr_warmup_steps", t.lr_warmup_steps, "must be >= 0")
+    if m.rope_theta <= 0:
+        add("model.rope_theta", m.rope_theta, "must be > 0 (Llama 3 uses 500000)")
+    if c.signal_seconds < 0:
+        add("cluster.signal_seconds", c.signal_seconds, "must be >= 0 (0 disables --signal)")
+    if cfg.checkpoint.save_interval < 0:
+        add("checkpoint.save_interval", cfg.checkpoint.save_interval, "must be >= 0 (0 = final save only)")
+    if cfg.checkpoint.keep_last <= 0:
+        add("checkpoint.keep_last", cfg.checkpoint.keep_last, "must be >= 1")
+
+
+def _check_choices(cfg: RootConfig, add) -> None:
+    choices = (
+        ("cluster.kind", cfg.cluster.kind, KINDS),
+        ("cluster.slurm_backend", cfg.cluster.slurm_backend, BACKENDS),
+        ("cluster.gpu_type", cfg.cluster.gpu_type, tuple(GPU_TYPES)),
+        ("training.precision", cfg.training.precision, PRECISIONS),
+        ("training.lr_decay_style", cfg.training.lr_decay_style, DECAY),
+        ("training.data.source", cfg.training.data.source, DATA_SOURCES),
+        ("parallelism.recompute", cfg.parallelism.recompute, RECOMPUTE),
+        ("parallelism.mode", cfg.parallelism.mode, ("manual", "auto")),
+    )
+    for name, value, valid in choices:
+        if value not in valid:
+            add(name, value, f"unknown value; choose one of: {', '.join(valid)}")
+    t = cfg.training
+    if (t.train_steps is None) == (t.train_tokens is None):
+        add("training.train_steps", t.train_steps,
+            f"set exactly one of training.train_steps and training.train_tokens (train_tokens={t.train_tokens})")
+    if t.data.source == "indexed" and not t.data.paths:
+        add("training.data.paths", list(t.data.paths),
+            "indexed data needs at least one .bin/.idx path prefix (make them with `python -m trainer.tokenize`)")
+    if not cfg.run_name.strip():
+        add("run_name", cfg.run_name, "must not be empty")
+    if cfg.parallelism.mode == "auto":
+        add("parallelism.mode", "auto",
+            "the memory predictor that fills `auto` is not part of this build yet; use parallelism=manual")
+
+
+def _check_cluster(cfg: RootConfig, add) -> None:
+    c = cfg.cluster
+    if c.instance_type is not None:
+        inst = lookup_instance(c.instance_type)
+        if inst is None:
+            add("cluster.instance_type", c.instance_type,
+                "unknown instance; use ml.p5.48xlarge, ml.p5e.48xlarge, ml.p5en.48xlarge, "
+                "ml.p4de.24xlarge or ml.p4d.24xlarge, or null for a generic cluster")
+        else:
+            if c.gpu_type != inst.gpu_type:
+                add("cluster.gpu_type", c.gpu_type, f"{c.instance_type} has {inst.gpu_type}; set cluster.gpu_type={inst.gpu_type}")
+            if c.gpus_per_node != inst.gpus:
+                add("cluster.gpus_per_node", c.gpus_per_node, f"{c.instance_type} has {inst.gpus} GPUs per node")
+            if c.efa_devices != inst.efa_devices:
+                add("cluster.efa_devices", c.efa_devices, f"{c.instance_type} has {inst.efa_devices} EFA devices")
+    if c.kind == "local" and c.nodes != 1:
+        add("cluster.nodes", c.nodes, "a local run uses this machine only; set cluster.nodes=1 or pick a Slurm cluster")
+    if c.kind != "local":
+        limit = parse_time_limit(c.time_limit)
+        if limit is None:
+            add("cluster.time_limit", c.time_limit, "use Slurm's [D-]HH:MM:SS (e.g. 2-00:00:00) or minutes")
+        elif c.signal_seconds and c.signal_seconds >= limit:
+            add("cluster.signal_seconds", c.signal_seconds,
+                f"must be shorter than cluster.time_limit ({limit} s) to leave time to checkpoint")
+    if c.rdzv_port <= 0 or c.rdzv_port > 65535:
+        add("cluster.rdzv_port", c.rdzv_port, "must be a TCP port (1-65535)")
+    for i, mount in enumerate(c.container_mounts):
+        parts = mount.split(":")
+        if len(parts) not in (2, 3) or not all(parts[:2]) or "\n" in mount or "," in mount:
+            add(f"cluster.container_mounts[{i}]", mount, "use SRC:DST[:FLAGS], e.g. /fsx:/fsx")
+    if c.container_mounts and not c.container_image:
+        add("cluster.container_mounts", list(c.container_mounts), "mounts need cluster.container_image")
+    for name in list(c.env) + list(c.secret_env):
+        if not _ENV_NAME.match(name):
+            add("cluster.env" if name in c.env else "cluster.secret_env", name,
+                "not a valid environment variable name ([A-Za-z_][A-Za-z0-9_]*)")
+    for name in set(c.env) & set(c.secret_env):
+        add(f"cluster.env.{name}", "<redacted>",
+            "is also listed in cluster.secret_env; secrets are forwarded by name only, remove the value")
+    for i, flag in enumerate(c.extra_sbatch):
+        if not flag.startswith("--") or any(ch in flag for ch in "\n\r"):
+            add(f"cluster.extra_sbatch[{i}]", flag, "use one sbatch long option per item, e.g. --constraint=p5")
+    for name, value in (("runs_root", cfg.runs_root),):
+        if c.kind != "local" and _UNSAFE_HEADER_PATH.search(value):
+            add(name, value, "sbatch cannot take this path in #SBATCH --output; use a path without "
+                "spaces, quotes, %, $ or shell metacharacters")
+
+
+def _check_layout(cfg: RootConfig, add) -> None:
+    m, p, c, t = cfg.model, cfg.parallelism, cfg.cluster, cfg.training
+    if m.num_attention_heads % p.tp:
+        add("parallelism.tp", p.tp, f"model.num_attention_heads={m.num_attention_heads} is not divisible by it; "
+            f"use one of {_divisors(m.num_attention_heads, c.gpus_per_node)}")
+    if m.num_query_groups % p.tp and p.tp % m.num_query_groups:
+        add("parallelism.tp", p.tp, f"model.num_query_groups={m.num_query_groups} (KV heads) must be a multiple or "
+            f"divisor of tp; use one of {_divisors(m.num_query_groups, c.gpus_per_node)}")
+    if m.num_attention_heads % m.num_query_groups:
+        add("model.num_query_groups", m.num_query_groups,
+            f"must divide model.num_attention_heads={m.num_attention_heads}")
+    if m.hidden_size % m.num_attention_heads:
+        add("model.hidden_size", m.hidden_size, f"must be divisible by model.num_attention_heads={m.num_attention_heads}")
+    padded = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by)
+    if padded % p.tp:
+        add("model.make_vocab_size_divisible_by", m.make_vocab_size_divisible_by,
+            f"padded vocab {padded} is not divisible by tp={p.tp}; use a multiple of {p.tp}")
+    if c.kind != "local" and p.tp > c.gpus_per_node:
+        add("parallelism.tp", p.tp, f"tensor parallelism must stay inside a node (cluster.gpus_per_node={c.gpus_per_node})")
+    vpp = p.vpp or 1
+    if p.vpp is not None and p.vpp > 1 and p.pp == 1:
+        add("parallelism.vpp", p.vpp, "virtual pipeline needs parallelism.pp > 1; set vpp=null")
+    if m.num_layers % (p.pp * vpp):
+        add("parallelism.pp", p.pp, f"model.num_layers={m.num_layers} must be divisible by pp x vpp = {p.pp * vpp}")
+    if p.sequence_parallel and p.tp == 1:
+        add("parallelism.sequence_parallel", True, "sequence parallelism needs parallelism.tp > 1; set it false")
+    if p.cp > 1 and t.seq_length % (2 * p.cp):
+        add("training.seq_length", t.seq_length, f"must be divisible by 2 x cp = {2 * p.cp} (load-balanced context parallelism)")
+    if t.seq_length > m.max_position_embeddings and m.rope_scaling_factor is None:
+        add("training.seq_length", t.seq_length, f"exceeds model.max_position_embeddings={m.max_position_embeddings}")
+    world = c.nodes * c.gpus_per_node
+    mp = p.tp * p.pp * p.cp
+    if p.dp is not None and mp * p.dp != world:
+        add("parallelism.dp", p.dp, f"cluster.nodes x cluster.gpus_per_node = {world} must equal tp x pp x cp x dp = "
+            f"{mp * p.dp}; set dp={world // mp if world % mp == 0 else '?'} or dp=null to derive it")
+    elif p.dp is None and world % mp:
+        add("parallelism.tp", p.tp, f"tp x pp x cp = {mp} does not divide the {world} GPUs "
+            f"(cluster.nodes={c.nodes} x cluster.gpus_per_node={c.gpus_per_node})")
+    if p.overlap_param_gather and not p.distributed_optimizer:
+        add("parallelism.overlap_param_gather", True, "needs parallelism.distributed_optimizer=true; set it false")
+    if p.tp_comm_overlap and not p.sequence_parallel:
+        add("parallelism.tp_comm_overlap", True, "needs parallelism.sequence_parallel=true")
+
+
+def _check_training(cfg: RootConfig, add) -> None:
+    t, p = cfg.training, cfg.parallelism
+    dp = derived_dp(cfg)
+    if dp is None:
+        return
+    per_step = t.micro_batch_size * dp
+    if t.global_batch_size % per_step:
+        add("training.global_batch_size", t.global_batch_size,
+            f"must be divisible by micro_batch_size x dp = {t.micro_batch_size} x {dp} = {per_step}")
+    elif p.vpp is not None and p.vpp > 1 and t.global_batch_size // per_step < p.pp:
+        add("training.global_batch_size", t.global_batch_size,
+            f"the interleaved schedule needs at least pp={p.pp} micro-batches per step; "
+            f"use global_batch_size >= {per_step * p.pp}")
+    if t.train_tokens is not None and t.train_tokens < t.global_batch_size * t.seq_length:
+        add("training.train_tokens", t.train_tokens,
+            f"is less than one step ({t.global_batch_size * t.seq_length} tokens)")
+
+
+def train_steps(cfg: RootConfig) -> int:
+    t = cfg.training
+    if t.train_steps is not None:
+        return t.train_steps
+    assert t.train_tokens is not None  # guaranteed by validate()
+    return max(1, t.train_tokens // (t.global_batch_size * t.seq_length))
+
+
+def _divisors(n: int, cap: int) -> list[int]:
+    return [d for d in range(1, max(cap, 1) + 1) if n % d == 0]
