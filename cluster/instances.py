@@ -20,16 +20,20 @@ class InstanceType:
     env: tuple[tuple[str, str], ...]
 
 
+# Any NVIDIA GPU cluster, EFA or not.
+GPU_ENV = (
+    ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1"),
+    ("TORCH_NCCL_AVOID_RECORD_STREAMS", "1"),
+    ("CUDA_DEVICE_MAX_CONNECTIONS", "1"),
+    ("NCCL_DEBUG", "WARN"),
+)
+
 _COMMON_EFA = (
     ("FI_PROVIDER", "efa"),
     ("FI_EFA_FORK_SAFE", "1"),
     ("NCCL_SOCKET_IFNAME", "^lo,docker0,veth_def_agent"),
     ("NCCL_BUFFSIZE", "8388608"),
     ("NCCL_P2P_NET_CHUNKSIZE", "524288"),
-    ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1"),
-    ("TORCH_NCCL_AVOID_RECORD_STREAMS", "1"),
-    ("CUDA_DEVICE_MAX_CONNECTIONS", "1"),
-    ("NCCL_DEBUG", "WARN"),
 )
 
 _P5_EXTRA = (

@@ -15,6 +15,7 @@ from cluster.instances import lookup_instance
 from launcher.schema import RootConfig
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_SECRET_NAME = re.compile(r"(SECRET|TOKEN|PASSWORD|API_KEY|ACCESS_KEY|SESSION_KEY|CREDENTIAL)", re.I)
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+):(\d{2}):(\d{2})$|^(\d+)$")
 # characters that sbatch's own #SBATCH parser or its %-patterns would misread in a path
 _UNSAFE_HEADER_PATH = re.compile(r"[\s'\"\\%$`;&|<>]")
@@ -200,6 +201,11 @@ def _check_cluster(cfg: RootConfig, add) -> None:
         if not _ENV_NAME.match(name):
             add("cluster.env" if name in c.env else "cluster.secret_env", name,
                 "not a valid environment variable name ([A-Za-z_][A-Za-z0-9_]*)")
+    for name in c.env:
+        if _SECRET_NAME.search(name) and name not in c.secret_env:
+            add(f"cluster.env.{name}", "<redacted>",
+                f"looks like a secret; never write its value into a config. Export it in the submitting "
+                f"shell and list it in cluster.secret_env=[{name}] instead")
     for name in set(c.env) & set(c.secret_env):
         add(f"cluster.env.{name}", "<redacted>",
             "is also listed in cluster.secret_env; secrets are forwarded by name only, remove the value")
@@ -278,8 +284,8 @@ def train_steps(cfg: RootConfig) -> int:
     t = cfg.training
     if t.train_steps is not None:
         return t.train_steps
-    assert t.train_tokens is not None  # guaranteed by validate()
-    return max(1, t.train_tokens // (t.global_batch_size * t.seq_length))
+    tokens = t.train_tokens or 0  # validate() guarantees one of the two is set
+    return max(1, tokens // (t.global_batch_size * t.seq_length))
 
 
 def _divisors(n: int, cap: int) -> list[int]:

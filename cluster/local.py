@@ -1,0 +1,106 @@
+"""Run a job on this machine: the same trainer entrypoint, through torchrun.
+
+``--standalone`` gives a private c10d rendezvous on a free port, so two local runs never
+collide. The process gets its own session so ``cancel`` can stop torchrun and every rank.
+Output is streamed to the terminal and to ``<run>/logs/local.out`` line by line.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, TextIO
+
+from launcher.schema import ClusterConfig
+
+LOG_NAME = "local.out"
+
+
+def local_command(cluster: ClusterConfig, config_path: str) -> list[str]:
+    """torchrun with the launcher's own interpreter (cluster.python is for remote nodes)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={cluster.gpus_per_node}", "--max-restarts=0",
+            "-m", "trainer", "--config", config_path]
+
+
+def render_launch_script(command: list[str], workdir: str) -> str:
+    import shlex
+
+    return "\n".join(["#!/bin/bash", "# The exact command this local run executed.", "set -euo pipefail",
+                      f"cd {shlex.quote(workdir)}", " ".join(shlex.quote(c) for c in command), ""])
+
+
+class LocalExecutor:
+    """Runs the command in the foreground, tees output, returns the exit status."""
+
+    def __init__(self, run_dir: Path, workdir: str, echo: TextIO | None = sys.stdout):
+        self.run_dir = run_dir
+        self.workdir = workdir
+        self.echo = echo
+
+    def run(self, command: list[str], on_start: Callable[[int], None] | None = None,
+            env: dict[str, str] | None = None) -> int:
+        log_path = self.run_dir / "logs" / LOG_NAME
+        full_env = dict(os.environ if env is None else env)
+        full_env["PYTHONPATH"] = self.workdir + (os.pathsep + full_env["PYTHONPATH"] if full_env.get("PYTHONPATH") else "")
+        full_env["HYPERLAUNCH_RUN_DIR"] = str(self.run_dir)
+        full_env["HYPERLAUNCH_CONTROL_DIR"] = str(self.run_dir / "control")
+        full_env.setdefault("PYTHONUNBUFFERED", "1")
+        with open(log_path, "a", buffering=1) as log:
+            proc = subprocess.Popen(command, cwd=self.workdir, env=full_env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
+            if on_start is not None:
+                on_start(proc.pid)
+            try:
+                for line in proc.stdout or ():
+                    log.write(line)
+                    if self.echo is not None:
+                        self.echo.write(line)
+                        self.echo.flush()
+                return proc.wait()
+            except KeyboardInterrupt:
+                stop_process_group(proc.pid)
+                proc.wait()
+                return 130
+
+
+def stop_process_group(pid: int, grace_s: float = 10.0) -> bool:
+    """SIGTERM the run's process group, SIGKILL after a grace period. False if already gone."""
+    try:
+        pgid = os.getpgid(pid)
+    except ProcessLookupError:
+        return False
+    os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return True
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie still answers kill(0); check /proc where available
+    stat = Path(f"/proc/{pid}/stat")
+    if stat.exists():
+        try:
+            return stat.read_text().split()[2] != "Z"
+        except OSError:
+            return True
+    return True

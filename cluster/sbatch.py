@@ -1,0 +1,220 @@
+"""Render the sbatch script and the per-node step script of a run (pure functions).
+
+Layout choice: ONE task per node running torchrun, which starts ``gpus_per_node`` ranks.
+torchrun owns local ranks and the c10d rendezvous, so the same step works inside a
+pyxis container (one container per node instead of eight) and after HyperPod's
+``--auto-resume`` replaces a node: the step script derives the rendezvous head from the
+step's current node list each time it starts, never from a list computed at submit time.
+
+Quoting: every value that reaches the shell goes through ``shlex.quote``. ``#SBATCH``
+lines are parsed by sbatch, not by a shell; values there are either validated safe paths
+or slugs (``job_name_slug``), so nothing a user types can start a new shell line.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass
+
+from cluster.instances import GPU_ENV, lookup_instance
+from launcher.schema import ClusterConfig
+
+STEP_SCRIPT = "step.sh"
+CONTROL_DIR = "control"
+SAVE_REQUEST = "save_and_exit"  # the trainer polls for this file (written on SIGUSR2)
+FINISHED_MARK = "finished"  # the trainer writes this when all steps are done
+PREFLIGHT_EXIT = 3
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """Everything the renderer needs, resolved by the launcher (no I/O here)."""
+
+    run_name: str
+    run_dir: str
+    workdir: str
+    cluster: ClusterConfig
+
+
+def job_name_slug(run_name: str) -> str:
+    """A job name sbatch and squeue show safely: [A-Za-z0-9._-], at most 64 chars."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", run_name).strip("-.") or "run"
+    return slug[:64]
+
+
+def _q(value: object) -> str:
+    return shlex.quote(str(value))
+
+
+def _header(plan: JobPlan) -> list[str]:
+    c = plan.cluster
+    logs = f"{plan.run_dir}/logs"
+    lines = [
+        f"--job-name={job_name_slug(plan.run_name)}",
+        f"--nodes={c.nodes}",
+        "--ntasks-per-node=1",  # one torchrun per node; it starts gpus_per_node ranks
+    ]
+    if c.exclusive:
+        lines.append("--exclusive")
+    lines += ["--mem=0", f"--time={c.time_limit}", "--wait-all-nodes=1"]
+    if c.gpus_per_node_flag:
+        lines.append(f"--gpus-per-node={c.gpus_per_node}")
+    for flag, value in (("partition", c.partition), ("account", c.account),
+                        ("qos", c.qos), ("reservation", c.reservation)):
+        if value:
+            lines.append(f"--{flag}={value}")
+    lines += [f"--output={logs}/%x_%j.out", f"--error={logs}/%x_%j.err", "--export=ALL"]
+    if c.requeue:
+        lines.append("--requeue")
+    if c.signal_seconds:
+        # B: signal the batch shell only; it forwards the request to the ranks via a file,
+        # because torchrun's agent would die on an unhandled SIGUSR2.
+        lines.append(f"--signal=B:USR2@{c.signal_seconds}")
+    if c.dependency:
+        lines.append(f"--dependency={c.dependency}")
+    lines += list(c.extra_sbatch)
+    return [f"#SBATCH {line}" for line in lines]
+
+
+def _env_block(plan: JobPlan) -> list[str]:
+    c = plan.cluster
+    out: list[str] = []
+    inst = lookup_instance(c.instance_type) if c.instance_type else None
+    if c.gpu_type != "cpu":
+        out.append("# NCCL / CUDA for Megatron (TP comm overlap needs CUDA_DEVICE_MAX_CONNECTIONS=1)")
+        out += [f"export {k}={_q(v)}" for k, v in GPU_ENV]
+    if inst is not None:
+        out.append(f"# EFA / NCCL for {c.instance_type} ({inst.efa_devices} EFA devices)")
+        out += [f"export {k}={_q(v)}" for k, v in inst.env]
+    if c.env:
+        out.append("# user environment (cluster.env)")
+        out += [f"export {k}={_q(v)}" for k, v in sorted(c.env.items())]
+    if c.secret_env:
+        out.append("# secrets: forwarded by name from the submitting environment (--export=ALL);")
+        out.append("# their values are never written to this file")
+        names = " ".join(_q(n) for n in c.secret_env)
+        out.append(f"for name in {names}; do")
+        out.append('  [ -n "${!name:-}" ] || echo "warning: secret $name is not set in the submitting environment" >&2')
+        out.append("done")
+    return out
+
+
+def _preflight(plan: JobPlan) -> list[str]:
+    c = plan.cluster
+    out = ["# preflight: fail fast with a clear message instead of a slow or silent fallback"]
+    if c.container_image:
+        out += [
+            "if ! srun --help 2>&1 | grep -q -- '--container-image'; then",
+            '  echo "preflight: pyxis is not installed (srun has no --container-image), but '
+            'cluster.container_image is set. Install pyxis/enroot or set cluster.container_image=null." >&2',
+            f"  exit {PREFLIGHT_EXIT}",
+            "fi",
+        ]
+    if c.efa_devices > 0:
+        check = (
+            'export PATH="/opt/amazon/efa/bin:$PATH"; '
+            "command -v fi_info >/dev/null || { echo \"preflight: fi_info not found on $(hostname): "
+            "the EFA software (libfabric) is missing\" >&2; exit 1; }; "
+            "n=$(fi_info -p efa -t FI_EP_RDM 2>/dev/null | grep -c 'provider: efa' || true); "
+            "[ \"$n\" -ge 1 ] || { echo \"preflight: no EFA device on $(hostname) (fi_info -p efa lists none); "
+            "NCCL would fall back to TCP sockets\" >&2; exit 1; }; "
+            f"echo \"preflight: $(hostname): $n EFA endpoints (expected {c.efa_devices} devices)\""
+        )
+        out += [
+            f"if ! srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c {_q(check)}; then",
+            '  echo "preflight: EFA check failed (see above); not starting training" >&2',
+            f"  exit {PREFLIGHT_EXIT}",
+            "fi",
+        ]
+    return out
+
+
+def _srun_args(plan: JobPlan) -> list[str]:
+    c = plan.cluster
+    args = ["--ntasks-per-node=1", "--kill-on-bad-exit=1", "--export=ALL", "--label"]
+    if c.kind == "hyperpod":
+        args.append("--auto-resume=1")
+    if c.container_image:
+        args.append(f"--container-image={c.container_image}")
+        if c.container_mounts:
+            args.append(f"--container-mounts={','.join(c.container_mounts)}")
+        args.append(f"--container-workdir={plan.workdir}")
+    return args
+
+
+_UNSAFE_HEADER = re.compile(r"[\s'\"\\%$`;&|<>]")
+
+
+def render_sbatch(plan: JobPlan) -> str:
+    """The batch script: header, environment, preflight, the training step, requeue logic."""
+    c = plan.cluster
+    if _UNSAFE_HEADER.search(plan.run_dir):
+        raise ValueError(f"run directory {plan.run_dir!r} cannot appear in an #SBATCH line; "
+                         "choose a runs_root without spaces, quotes, %, $ or shell metacharacters")
+    control = f"$RUN_DIR/{CONTROL_DIR}"
+    srun = " ".join(_q(a) for a in _srun_args(plan))
+    lines = ["#!/bin/bash", f"# {job_name_slug(plan.run_name)}: rendered by hyperlaunch; edit the config, not this file.",
+             *_header(plan), "", "set -uo pipefail", "",
+             f"RUN_DIR={_q(plan.run_dir)}", f"WORKDIR={_q(plan.workdir)}",
+             "export HYPERLAUNCH_RUN_DIR=\"$RUN_DIR\"",
+             f"export HYPERLAUNCH_RUN_NAME={_q(plan.run_name)}",
+             f"export HYPERLAUNCH_CONTROL_DIR=\"{control}\"",
+             "export PYTHONPATH=\"$WORKDIR${PYTHONPATH:+:$PYTHONPATH}\"",
+             f"mkdir -p \"{control}\"",
+             f"rm -f \"{control}/{SAVE_REQUEST}\"", ""]
+    lines += _env_block(plan)
+    lines += ["", 'echo "job $SLURM_JOB_ID on $SLURM_JOB_NODELIST (restart ${SLURM_RESTART_COUNT:-0}) at $(date -u +%FT%TZ)"',
+              "env | sort | grep -E '^(FI_|NCCL_|TORCH_NCCL|CUDA_|SLURM_JOB|HYPERLAUNCH_)' || true", ""]
+    lines += _preflight(plan)
+    lines += [
+        "",
+        "# SIGUSR2 (--signal, time limit ahead) or SIGTERM: ask the ranks to checkpoint and stop",
+        f"request_save() {{ echo \"batch: $1 received, requesting checkpoint\"; touch \"{control}/{SAVE_REQUEST}\"; }}",
+        "trap 'request_save USR2' USR2",
+        "trap 'request_save TERM' TERM",
+        "",
+        f"echo {_q('+ srun ' + srun + ' bash')} \"$RUN_DIR/{STEP_SCRIPT}\"",
+        f"srun {srun} bash \"$RUN_DIR/{STEP_SCRIPT}\" &",
+        "step_pid=$!",
+        "# wait returns early (status > 128) when a trapped signal arrives: keep waiting",
+        "while true; do",
+        "  wait \"$step_pid\"; rc=$?",
+        "  kill -0 \"$step_pid\" 2>/dev/null || break",
+        "done",
+        "echo \"training step exited with status $rc\"",
+    ]
+    if c.requeue:
+        lines += [
+            f"if [ -e \"{control}/{SAVE_REQUEST}\" ] && [ ! -e \"{control}/{FINISHED_MARK}\" ]; then",
+            '  echo "batch: stopped before the end of training; requeueing to resume from the latest checkpoint"',
+            '  scontrol requeue "$SLURM_JOB_ID" && exit 0',
+            "fi",
+        ]
+    lines += ["exit \"$rc\"", ""]
+    return "\n".join(lines)
+
+
+def render_step(plan: JobPlan) -> str:
+    """Runs once per node inside the srun step (inside the container when configured)."""
+    c = plan.cluster
+    py = _q(c.python)
+    return "\n".join([
+        "#!/bin/bash",
+        "# One per node: derive the rendezvous head from the step's CURRENT node list (it changes",
+        "# when HyperPod replaces a node), then start the node's ranks with torchrun.",
+        "set -euo pipefail",
+        f"cd {_q(plan.workdir)}",
+        'nodelist="${SLURM_STEP_NODELIST:-$SLURM_JOB_NODELIST}"',
+        f'head=$({py} -m cluster.hostlist --first "$nodelist")',
+        'nnodes="${SLURM_STEP_NUM_NODES:-$SLURM_JOB_NUM_NODES}"',
+        f"exec {py} -m torch.distributed.run \\",
+        '  --nnodes="$nnodes" \\',
+        f"  --nproc-per-node={c.gpus_per_node} \\",
+        '  --rdzv-id="$SLURM_JOB_ID" \\',
+        "  --rdzv-backend=c10d \\",
+        f'  --rdzv-endpoint="$head:{c.rdzv_port}" \\',
+        "  --max-restarts=0 \\",
+        f"  -m trainer --config {_q(plan.run_dir + '/config.yaml')}",
+        "",
+    ])

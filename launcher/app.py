@@ -1,0 +1,122 @@
+"""``python -m launcher config=<preset> [overrides]``: compose, validate, render, submit or run.
+
+Exit codes (also in the README): 0 success / dry run / submitted, 1 the job failed,
+2 configuration error (nothing written or submitted), 3 Slurm refused the job,
+4 Slurm unreachable or another backend error.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from cluster.local import LocalExecutor, local_command, render_launch_script
+from cluster.sbatch import STEP_SCRIPT, JobPlan, job_name_slug, render_sbatch, render_step
+from launcher import console
+from launcher.loading import dump_config, to_root
+from launcher.manifest import PROJECT_ROOT, build_manifest
+from launcher.rundir import (CONFIG_FILE, MANIFEST_FILE, create_run_dir, new_run_dir_path,
+                             remove_run_dir, write_job_record)
+from launcher.schema import RootConfig, register_configs
+from launcher.validate import ConfigError
+
+EXIT_OK, EXIT_JOB_FAILED, EXIT_CONFIG, EXIT_REJECTED, EXIT_BACKEND = 0, 1, 2, 3, 4
+
+register_configs()
+
+
+def _overrides() -> list[str]:
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
+
+
+def render_files(root: RootConfig, run_dir: Path, workdir: str, argv: list[str]) -> tuple[dict[str, str], tuple[str, ...]]:
+    """Every file of a new run directory, by name (pure apart from the manifest's probes)."""
+    files = {CONFIG_FILE: dump_config(root), MANIFEST_FILE: build_manifest(argv, _overrides())}
+    if root.cluster.kind == "local":
+        files["launch.sh"] = render_launch_script(local_command(root.cluster, str(run_dir / CONFIG_FILE)), workdir)
+        return files, ("launch.sh",)
+    plan = JobPlan(run_name=root.run_name, run_dir=str(run_dir), workdir=workdir, cluster=root.cluster)
+    files["job.sbatch"] = render_sbatch(plan)
+    files[STEP_SCRIPT] = render_step(plan)
+    return files, ("job.sbatch", STEP_SCRIPT)
+
+
+def launch(root: RootConfig, argv: list[str]) -> int:
+    """Create the run directory, then run locally or submit. Returns the exit code."""
+    workdir = root.cluster.workdir or str(PROJECT_ROOT)
+    run_dir = new_run_dir_path(root.runs_root, root.run_name)
+    files, executable = render_files(root, run_dir, workdir, argv)
+    create_run_dir(run_dir, files, executable)
+    if root.dry_run:
+        console.info(f"dry run: rendered {len(files)} files, submitted nothing")
+        for name in sorted(files):
+            console.info(f"  {run_dir / name}")
+        write_job_record(run_dir, {"backend": "dry-run", "state": "NOT_SUBMITTED", "run_name": root.run_name})
+        return EXIT_OK
+    if root.cluster.kind == "local":
+        return _run_local(root, run_dir, workdir)
+    return _submit_slurm(root, run_dir)
+
+
+def _run_local(root: RootConfig, run_dir: Path, workdir: str) -> int:
+    record = {"backend": "local", "run_name": root.run_name, "state": "RUNNING", "started": time.time()}
+    console.info(f"run directory: {run_dir}")
+
+    def started(pid: int) -> None:
+        record["pid"] = pid
+        write_job_record(run_dir, record)
+
+    rc = LocalExecutor(run_dir, workdir).run(local_command(root.cluster, str(run_dir / CONFIG_FILE)), on_start=started)
+    record.update(state="COMPLETED" if rc == 0 else ("CANCELLED" if rc in (130, -15) else "FAILED"),
+                  exit_code=rc, ended=time.time())
+    write_job_record(run_dir, record)
+    if rc != 0:
+        console.error(f"local run failed with exit status {rc}; log: {run_dir / 'logs' / 'local.out'}")
+        return EXIT_JOB_FAILED
+    console.info(f"local run completed; log: {run_dir / 'logs' / 'local.out'}")
+    return EXIT_OK
+
+
+def _submit_slurm(root: RootConfig, run_dir: Path) -> int:
+    from cluster.backend import BackendError, SubmitError
+    from cluster.pyslurm_backend import select_backend
+
+    try:
+        backend = select_backend(root.cluster.slurm_backend)
+        job_id = backend.submit(str(run_dir / "job.sbatch"), job_name=job_name_slug(root.run_name))
+    except SubmitError as exc:
+        remove_run_dir(run_dir)
+        console.error(f"Slurm refused the job (nothing was submitted, run directory removed):\n{exc}")
+        return EXIT_REJECTED
+    except BackendError as exc:
+        remove_run_dir(run_dir)
+        console.error(f"could not reach Slurm: {exc}")
+        return EXIT_BACKEND
+    write_job_record(run_dir, {"backend": "slurm", "slurm_backend": root.cluster.slurm_backend, "job_id": job_id,
+                               "run_name": root.run_name, "state": "PENDING", "submitted": time.time()})
+    console.info(f"submitted job {job_id}; run directory: {run_dir}")
+    console.info(f"  status: python -m launcher status {run_dir}")
+    console.info(f"  logs:   python -m launcher logs {run_dir} --follow")
+    console.info(f"  cancel: python -m launcher cancel {run_dir}")
+    return EXIT_OK
+
+
+@hydra.main(config_path="../configs", config_name="launcher", version_base=None)
+def hydra_entry(cfg: DictConfig) -> None:
+    try:
+        root = to_root(cfg)
+    except ConfigError as exc:
+        console.error(str(exc))
+        console.error("nothing was written or submitted")
+        sys.exit(EXIT_CONFIG)
+    rc = launch(root, sys.argv[1:])
+    if rc != EXIT_OK:
+        sys.exit(rc)

@@ -1,0 +1,16 @@
+#!/bin/bash
+# One per node: derive the rendezvous head from the step's CURRENT node list (it changes
+# when HyperPod replaces a node), then start the node's ranks with torchrun.
+set -euo pipefail
+cd /fsx/hyperlaunch
+nodelist="${SLURM_STEP_NODELIST:-$SLURM_JOB_NODELIST}"
+head=$(python -m cluster.hostlist --first "$nodelist")
+nnodes="${SLURM_STEP_NUM_NODES:-$SLURM_JOB_NUM_NODES}"
+exec python -m torch.distributed.run \
+  --nnodes="$nnodes" \
+  --nproc-per-node=8 \
+  --rdzv-id="$SLURM_JOB_ID" \
+  --rdzv-backend=c10d \
+  --rdzv-endpoint="$head:29500" \
+  --max-restarts=0 \
+  -m trainer --config /fsx/runs/golden-20260101-000000/config.yaml
