@@ -15,9 +15,16 @@ from launcher.jobs import SUBCOMMANDS, run_subcommand
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
         sys.exit(run_subcommand(sys.argv[1:]))
-    from launcher.app import hydra_entry
+    from launcher import app
 
-    hydra_entry()
+    try:
+        app.hydra_entry()
+    except SystemExit as exc:
+        # Hydra exits 1 when composing fails (unknown key, bad type, unknown preset): that is a
+        # configuration error, reported like ours with exit status 2.
+        if exc.code == 1 and not app.TASK_STARTED:
+            sys.exit(app.EXIT_CONFIG)
+        raise
 
 
 if __name__ == "__main__":

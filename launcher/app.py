@@ -28,6 +28,7 @@ from launcher.validate import ConfigError
 EXIT_OK, EXIT_JOB_FAILED, EXIT_CONFIG, EXIT_REJECTED, EXIT_BACKEND = 0, 1, 2, 3, 4
 
 register_configs()
+TASK_STARTED = False  # set once Hydra composed the config and called us
 
 
 def _overrides() -> list[str]:
@@ -111,6 +112,8 @@ def _submit_slurm(root: RootConfig, run_dir: Path) -> int:
 
 @hydra.main(config_path="../configs", config_name="launcher", version_base=None)
 def hydra_entry(cfg: DictConfig) -> None:
+    global TASK_STARTED
+    TASK_STARTED = True
     try:
         root = to_root(cfg)
     except ConfigError as exc:

@@ -1,0 +1,169 @@
+"""The Llama-style GPT (RMSNorm, SwiGLU, RoPE, GQA, no biases) on megatron-core's local layers.
+
+``build_model`` returns one model chunk per virtual pipeline stage of this rank, already
+initialised layout-independently (see :mod:`trainer.param_init`), cast for mixed precision and
+wrapped in megatron's ``DistributedDataParallel``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import Float16Module
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+from launcher.schema import ModelConfig, ParallelismConfig
+from launcher.validate import ConfigError, Problem, padded_vocab_size
+from trainer.param_init import initialize_layout_independent
+
+Precision = Literal["bf16", "fp16", "fp32"]
+_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class TorchRMSNorm(torch.nn.RMSNorm):
+    """``torch.nn.RMSNorm`` built from megatron's norm arguments.
+
+    megatron's own wrapper for the local spec (``WrappedTorchNorm``) refuses sequence
+    parallelism. Under SP each rank normalises its own sequence slice, so the weight gradient
+    is partial: marking the weight ``sequence_parallel`` makes ``finalize_model_grads``
+    all-reduce it over the tensor-parallel group.
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_: Any) -> None:
+        super().__init__(hidden_size, eps=eps)
+        for param in self.parameters():
+            setattr(param, "sequence_parallel", config.sequence_parallel)
+
+
+def transformer_config(model: ModelConfig, par: ParallelismConfig, precision: str, *, gloo: bool) -> TransformerConfig:
+    """megatron's TransformerConfig for this model, layout and precision."""
+    if par.cp > 1:
+        raise ConfigError([Problem("parallelism.cp", par.cp, "context parallelism needs Transformer Engine "
+                                   "attention; this trainer uses megatron's local layers: set cp=1")])
+    if par.tp_comm_overlap:
+        raise ConfigError([Problem("parallelism.tp_comm_overlap", True, "needs Transformer Engine "
+                                   "userbuffers; this trainer uses megatron's local layers: set it false")])
+    dtype = _DTYPES[precision]
+    recompute: dict[str, Any] = {}
+    if par.recompute == "selective":
+        recompute = {"recompute_granularity": "selective"}
+    elif par.recompute == "full":
+        recompute = {"recompute_granularity": "full", "recompute_method": "uniform",
+                     "recompute_num_layers": par.recompute_num_layers}
+    vpp = par.vpp if par.vpp and par.vpp > 1 else None
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        init_method_std=model.init_method_std,
+        layernorm_epsilon=model.norm_eps,
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        # fused kernels need Transformer Engine / apex / torch.compile: plain torch ops instead
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        tensor_model_parallel_size=par.tp,
+        pipeline_model_parallel_size=par.pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        context_parallel_size=par.cp,
+        sequence_parallel=par.sequence_parallel,
+        pipeline_dtype=dtype,
+        params_dtype=dtype,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu_initialization=gloo,
+        # gloo + interleaved pipeline + batched isend/irecv swaps tensors silently
+        batch_p2p_comm=not gloo,
+        variable_seq_lengths=False,
+        deallocate_pipeline_outputs=True,
+        **recompute,
+    )
+
+
+def _layer_stack_spec(config: TransformerConfig, vp_stage: int | None) -> TransformerBlockSubmodules:
+    local = get_gpt_layer_local_spec(normalization="RMSNorm")
+    layer = dataclasses.replace(
+        local, submodules=dataclasses.replace(local.submodules, input_layernorm=TorchRMSNorm,
+                                              pre_mlp_layernorm=TorchRMSNorm))
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=TorchRMSNorm)
+
+
+def _gpt_chunk(model: ModelConfig, config: TransformerConfig, vp_stage: int | None) -> GPTModel:
+    rope_base: float = model.rope_theta
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=_layer_stack_spec(config, vp_stage),  # type: ignore[arg-type]
+        vocab_size=padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by),
+        max_sequence_length=model.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+        parallel_output=True,
+        share_embeddings_and_output_weights=model.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=rope_base,  # type: ignore[arg-type]  # megatron annotates int; float works
+        rope_scaling=model.rope_scaling_factor is not None,
+        rope_scaling_factor=model.rope_scaling_factor or 8.0,
+        vp_stage=vp_stage,
+    )
+
+
+def build_model(model: ModelConfig, par: ParallelismConfig, config: TransformerConfig,
+                seed: int) -> list[DistributedDataParallel]:
+    """This rank's model chunks (one per virtual stage), initialised and DDP-wrapped."""
+    vpp = config.virtual_pipeline_model_parallel_size
+    stages: list[int | None] = list(range(vpp)) if vpp else [None]
+    chunks = [_gpt_chunk(model, config, stage) for stage in stages]
+    for chunk in chunks:
+        initialize_layout_independent(chunk, config, seed=seed, tied_embeddings=model.tie_embeddings)
+    modules: list[torch.nn.Module] = list(chunks)
+    if config.bf16 or config.fp16:
+        modules = [Float16Module(config, chunk) for chunk in chunks]
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=par.overlap_grad_reduce,
+        overlap_param_gather=par.overlap_param_gather and par.distributed_optimizer,
+        use_distributed_optimizer=par.distributed_optimizer,
+        check_for_nan_in_grad=False,
+    )
+    return [
+        DistributedDataParallel(config=config, ddp_config=ddp_config, module=module,
+                                disable_bucketing=index > 0)  # megatron-lm: bucket only chunk 0
+        for index, module in enumerate(modules)
+    ]
+
+
+def gpt_module(chunk: torch.nn.Module) -> GPTModel:
+    """The GPTModel inside the DDP / Float16Module wrappers."""
+    module = chunk
+    while not isinstance(module, GPTModel):
+        inner = getattr(module, "module", None)
+        if inner is None:
+            raise TypeError(f"no GPTModel inside {type(chunk).__name__}")
+        module = inner
+    return module
+
+
+def count_parameters(chunks: list[DistributedDataParallel]) -> int:
+    """Parameters held by this rank (shards count once per rank)."""
+    return sum(p.numel() for chunk in chunks for p in chunk.parameters())
