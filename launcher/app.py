@@ -21,7 +21,7 @@ from launcher import console
 from launcher.loading import dump_config, to_root
 from launcher.manifest import PROJECT_ROOT, build_manifest
 from launcher.rundir import (CONFIG_FILE, MANIFEST_FILE, create_run_dir, new_run_dir_path,
-                             remove_run_dir, write_job_record)
+                             read_job_record, remove_run_dir, write_job_record)
 from launcher.schema import RootConfig, register_configs
 from launcher.validate import ConfigError
 
@@ -76,9 +76,13 @@ def _run_local(root: RootConfig, run_dir: Path, workdir: str) -> int:
         write_job_record(run_dir, record)
 
     rc = LocalExecutor(run_dir, workdir).run(local_command(root.cluster, str(run_dir / CONFIG_FILE)), on_start=started)
-    record.update(state="COMPLETED" if rc == 0 else ("CANCELLED" if rc in (130, -15) else "FAILED"),
+    cancelled = read_job_record(run_dir).get("state") == "CANCELLED" or rc == 130  # `cancel` or Ctrl-C
+    record.update(state="COMPLETED" if rc == 0 else ("CANCELLED" if cancelled else "FAILED"),
                   exit_code=rc, ended=time.time())
     write_job_record(run_dir, record)
+    if cancelled:
+        console.error(f"local run cancelled; log: {run_dir / 'logs' / 'local.out'}")
+        return EXIT_JOB_FAILED
     if rc != 0:
         console.error(f"local run failed with exit status {rc}; log: {run_dir / 'logs' / 'local.out'}")
         return EXIT_JOB_FAILED
