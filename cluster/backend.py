@@ -33,6 +33,10 @@ class JobState(StrEnum):
     SUSPENDED = "SUSPENDED"
     UNKNOWN = "UNKNOWN"
 
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
 
 TERMINAL_STATES: frozenset[JobState] = frozenset({
     JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.TIMEOUT, JobState.NODE_FAIL,
@@ -92,10 +96,14 @@ class JobStatus:
     elapsed: str | None = None
     signal: int | None = None
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.state, JobState):  # accept Slurm's spelling, keep the type honest
+            object.__setattr__(self, "state", normalize_state(self.state))
+
     @property
     def terminal(self) -> bool:
         """True once the job can no longer change state on its own."""
-        return self.state in TERMINAL_STATES
+        return self.state.terminal
 
     @property
     def succeeded(self) -> bool:

@@ -4,10 +4,12 @@ pyslurm is a Cython binding built against one Slurm major release (pyslurm X.Y.*
 Slurm X.Y), so it is imported lazily and only chosen automatically when its version
 matches the cluster's. The sbatch CLI (``cluster.slurm_cli``) stays the default path.
 
-Known limits of pyslurm's script submission (pyslurm 23.x-25.x), which is why ``auto``
-only prefers it on an exact version match and the CLI remains the reference:
-``JobSubmitDescription.load_sbatch_options`` reads one ``#SBATCH`` option per line and
-silently skips options it has no attribute for (``--hint``, ``--gpu-freq``, ...).
+Known limits of pyslurm's script submission (read from its source, 23.2-25.x), why the
+CLI remains the reference: ``JobSubmitDescription.load_sbatch_options`` reads one
+``#SBATCH`` option per line and silently skips options it has no attribute for
+(``--hint``, ``--gpu-freq``, ...); and ``signal`` is parsed but never applied when the
+job is built, so ``#SBATCH --signal=USR2@90`` (checkpoint before the time limit) is lost.
+Prefer ``cluster.slurm_backend=cli`` for training jobs that rely on ``--signal``.
 """
 
 from __future__ import annotations

@@ -22,13 +22,12 @@ import logging
 import re
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from cluster.backend import (
     CONTROLLER_UNREACHABLE,
     SLURM_CLI_NOT_FOUND,
-    TERMINAL_STATES,
     UNREACHABLE_HINT,
     BackendError,
     BackendUnavailable,
@@ -186,7 +185,7 @@ def parse_scontrol_record(text: str) -> dict[str, str]:
 def status_from_scontrol(fields: dict[str, str]) -> JobStatus:
     state = normalize_state(fields.get("JobState"))
     code, signal = parse_exit_code(fields.get("ExitCode"))
-    if state not in TERMINAL_STATES:
+    if not state.terminal:
         code = signal = None  # ExitCode=0:0 means "not yet" while the job is alive
     return JobStatus(fields.get("JobId", ""), state, exit_code=code, reason=_clean(fields.get("Reason")),
                      nodes=_clean(fields.get("NodeList")), elapsed=normalize_elapsed(fields.get("RunTime")),
@@ -206,7 +205,7 @@ _NO_SUCH_JOB = re.compile(r"Invalid job id specified", re.IGNORECASE)
 _ALREADY_DONE = re.compile(r"already completing or completed|Job has already finished", re.IGNORECASE)
 
 
-def backoff_delays(first_s: float = 1.0, cap_s: float = 60.0):
+def backoff_delays(first_s: float = 1.0, cap_s: float = 60.0) -> Iterator[float]:
     """1, 2, 4, 8, ... seconds, never more than ``cap_s`` (submitit-style polling)."""
     delay = min(first_s, cap_s)
     while True:
@@ -280,7 +279,10 @@ class SlurmCLI:
         found.update({j: s for j, s in queued.items() if j in ids and not s.terminal})
         missing = [j for j in ids if j not in found]
         if missing:
-            found.update({j: s for j, s in self._accounting_status(missing).items() if j in missing})
+            # UNKNOWN is not an answer: sacct -c loses the state of a job whose name has a
+            # space (its jobcomp parser splits on blanks), scontrol still knows it.
+            found.update({j: s for j, s in self._accounting_status(missing).items()
+                          if j in missing and s.state is not JobState.UNKNOWN})
         for job_id in [j for j in ids if j not in found]:
             from_ctld = self._scontrol_status(job_id) or queued.get(job_id)
             if from_ctld is not None:
@@ -315,6 +317,8 @@ class SlurmCLI:
                 return latest
             try:
                 current = self.status(open_ids)
+            except BackendUnavailable:
+                raise  # no Slurm commands here: retrying cannot help
             except BackendError as exc:
                 log.warning("polling Slurm failed, will retry: %s", exc)
                 current = {}
@@ -334,19 +338,33 @@ class SlurmCLI:
                 delay = min(delay, left)
             self._sleep(delay)
 
-    def requeue(self, job_id: str, *, hold: bool = False, start_now: bool = False) -> None:
+    def requeue(self, job_id: str, *, hold: bool = False, start_now: bool = False,
+                settle_timeout_s: float = 30.0) -> None:
         """Requeue a job (``scontrol requeue``; the job must allow it, e.g. ``--requeue``).
 
-        Slurm holds a requeued job back ~2 minutes (Reason=BeginTime); ``start_now`` lifts that.
+        Slurm holds a requeued job back ~2 minutes (Reason=BeginTime). ``start_now`` lifts
+        that; it has to wait until the old run has finished COMPLETING, because Slurm sets
+        the begin time only then and would overwrite an earlier ``StartTime=now``.
         """
         verb = "requeuehold" if hold else "requeue"
         result = self._run(["scontrol", verb, str(job_id)])
         if result.returncode != 0:
             raise self._fail(f"scontrol {verb} {job_id}", result)
-        if start_now and not hold:
-            result = self._run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
-            if result.returncode != 0:
-                raise self._fail(f"scontrol update JobId={job_id} StartTime=now", result)
+        if not start_now or hold:
+            return
+        deadline = self._clock() + settle_timeout_s
+        while True:
+            info = self.job_info(job_id) or {}
+            if normalize_state(info.get("JobState")) is not JobState.COMPLETING:
+                break
+            if self._clock() > deadline:
+                raise BackendError(f"job {job_id} still COMPLETING {settle_timeout_s:.0f} s after requeue")
+            self._sleep(0.2)
+        if info.get("Reason") != "BeginTime":
+            return  # already eligible (or already running again)
+        result = self._run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
+        if result.returncode != 0:
+            raise self._fail(f"scontrol update JobId={job_id} StartTime=now", result)
 
     def job_info(self, job_id: str) -> dict[str, str] | None:
         """``scontrol show job`` fields (StdOut, StdErr, WorkDir, ...); None once purged."""

@@ -1,16 +1,16 @@
 """A real single-node Slurm (slurmctld + slurmd + munged) for integration tests.
 
 ``start_slurm(workdir)`` writes a slurm.conf for this machine, starts its own munged
-(own key and socket under ``workdir``, so it neither needs nor touches /etc/munge or
-/run/munge), slurmctld and slurmd in the foreground as children, waits until the node
-is idle, and returns a ``SlurmHandle``; ``handle.stop()`` (or leaving the ``with`` block)
-stops them by PID. Ports are picked free at start, so several clusters (parallel test
-sessions) can run on one machine.
+(own key under ``workdir``, own socket in a fresh ``/tmp/slurm-test-munge-*`` directory,
+so it neither needs nor touches /etc/munge or /run/munge), slurmctld and slurmd in the
+foreground as children, waits until the node is idle, and returns a ``SlurmHandle``;
+``handle.stop()`` (or leaving the ``with`` block) stops them by PID. Ports are picked free
+at start, so several clusters (parallel test sessions) can run on one machine.
 
 Installing the daemons is the test runner's job:
 ``apt-get install -y --no-install-recommends slurm-wlm munge`` (Debian 12: Slurm 22.05).
 
-The config follows docs/reference (``hyperpod-slurm.md``) plus:
+The config follows the verified reference slurm.conf for this kind of machine, plus:
 - ``EnforcePartLimits=ALL`` so impossible requests are refused at sbatch time (as on most
   production clusters) instead of pending forever;
 - a second partition ``short`` (MaxTime 10 min) to exercise time-limit refusals.
@@ -18,14 +18,19 @@ The config follows docs/reference (``hyperpod-slurm.md``) plus:
 
 from __future__ import annotations
 
+import getpass
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pytest
 
 REQUIRED_BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "sinfo", "scontrol", "scancel", "sacct")
 INSTALL_HINT = "apt-get install -y --no-install-recommends slurm-wlm munge"
@@ -122,7 +127,7 @@ def _tail(path: Path, lines: int = 25) -> str:
     return "\n".join(text.splitlines()[-lines:]) or "(empty)"
 
 
-def _stop_process(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
+def _stop_process(proc: subprocess.Popen[bytes], grace_s: float = 5.0) -> None:
     """SIGTERM, then SIGKILL after ``grace_s``; only this PID."""
     if proc.poll() is not None:
         return
@@ -144,7 +149,8 @@ class SlurmHandle:
     conf_path: Path
     hostname: str
     cpus: int
-    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    munge_socket_dir: Path | None = None
     default_partition: str = DEFAULT_PARTITION
     short_partition: str = SHORT_PARTITION
 
@@ -170,13 +176,13 @@ class SlurmHandle:
             parts.append(f"--- {self.log_dir / name} (last {lines} lines) ---\n{_tail(self.log_dir / name, lines)}")
         return "\n".join(parts)
 
-    def run(self, *argv: str, timeout_s: float = 30.0) -> subprocess.CompletedProcess:
+    def run(self, *argv: str, timeout_s: float = 30.0) -> subprocess.CompletedProcess[str]:
         """Run a Slurm command against this cluster (for test set-up, not for code under test)."""
         return subprocess.run(list(argv), capture_output=True, text=True, env=self.client_env(),
                               timeout=timeout_s, check=False)
 
     def cancel_all_jobs(self, wait_s: float = 10.0) -> None:
-        self.run("scancel", "--user", os.environ.get("USER", "root") if os.geteuid() else "root")
+        self.run("scancel", f"--user={getpass.getuser()}")
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             out = self.run("squeue", "--noheader", "--format=%i").stdout.strip()
@@ -187,6 +193,7 @@ class SlurmHandle:
     def stop(self) -> None:
         """Cancel leftover jobs, then stop slurmd, slurmctld, munged by PID."""
         if not self.processes:
+            self._remove_socket_dir()
             return
         if all(self.processes[n].poll() is None for n in ("slurmctld", "slurmd") if n in self.processes):
             try:
@@ -198,6 +205,12 @@ class SlurmHandle:
             if proc is not None:
                 _stop_process(proc)
         self.processes.clear()
+        self._remove_socket_dir()
+
+    def _remove_socket_dir(self) -> None:
+        if self.munge_socket_dir is not None:
+            shutil.rmtree(self.munge_socket_dir, ignore_errors=True)
+            self.munge_socket_dir = None
 
     def __enter__(self) -> SlurmHandle:
         return self
@@ -219,23 +232,19 @@ def start_slurm(workdir: str | os.PathLike[str], *, timeout_s: float = 30.0) -> 
     root = Path(workdir).resolve()
     for sub in ("state/ctld", "state/d", "log", "munge"):
         (root / sub).mkdir(parents=True, exist_ok=True)
-    # munged wants its socket directory (and the path to it) traversable by everyone.
-    for directory in [root, *root.parents]:
-        if directory == Path("/"):
-            break
-        mode = directory.stat().st_mode
-        if mode & 0o111 != 0o111 and directory.owner() == "root" and os.geteuid() == 0:
-            directory.chmod(mode | 0o111)
-    (root / "munge").chmod(0o755)
+    (root / "munge").chmod(0o700)
     (root / "log" / "jobcomp.txt").unlink(missing_ok=True)  # ids restart at 1 with -c below
 
     munge_key = root / "munge" / "munge.key"
     if not munge_key.exists():
         munge_key.write_bytes(os.urandom(128))
     munge_key.chmod(0o600)
-    munge_socket = root / "munge" / "munge.socket"
-    if len(str(munge_socket)) > 100:
-        raise SlurmStartError(f"workdir path too long for a unix socket: {munge_socket}")
+    # munged insists that every directory above its socket is traversable by all, which
+    # pytest's 0700 temp dirs are not; a short-named directory in /tmp also keeps the
+    # socket path under the unix-socket length limit.
+    socket_dir = Path(tempfile.mkdtemp(prefix="slurm-test-munge-", dir="/tmp"))
+    socket_dir.chmod(0o755)
+    munge_socket = socket_dir / "munge.socket"
 
     hostname = socket.gethostname().split(".")[0]
     cpus = os.cpu_count() or 1
@@ -245,7 +254,8 @@ def start_slurm(workdir: str | os.PathLike[str], *, timeout_s: float = 30.0) -> 
         ctld_port=_free_port(), slurmd_port=_free_port(), munge_socket=munge_socket))
 
     env = {**os.environ, "SLURM_CONF": str(conf_path)}
-    handle = SlurmHandle(workdir=root, conf_path=conf_path, hostname=hostname, cpus=cpus)
+    handle = SlurmHandle(workdir=root, conf_path=conf_path, hostname=hostname, cpus=cpus,
+                         munge_socket_dir=socket_dir)
     log_dir = root / "log"
 
     def launch(name: str, argv: list[str]) -> None:
@@ -275,7 +285,7 @@ def _node_idle(handle: SlurmHandle) -> bool:
     return result.returncode == 0 and "idle" in result.stdout.split()
 
 
-def _wait_for(ready, timeout_s: float, handle: SlurmHandle, what: str) -> None:
+def _wait_for(ready: Callable[[], bool], timeout_s: float, handle: SlurmHandle, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for name, proc in handle.processes.items():
@@ -286,3 +296,76 @@ def _wait_for(ready, timeout_s: float, handle: SlurmHandle, what: str) -> None:
             return
         time.sleep(0.2)
     raise SlurmStartError(f"{what}\n{handle.log_tails()}")
+
+
+def _ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def require_slurm() -> None:
+    """Skip the calling test if Slurm is not installed, or fail it when ``CI`` is set."""
+    missing = missing_binaries()
+    if not missing:
+        return
+    message = f"Slurm/munge not installed (missing: {', '.join(missing)}); install with `{INSTALL_HINT}`"
+    if _ci():
+        pytest.fail(f"CI is set but {message}", pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmHandle]:
+    """Session-wide test cluster; sets ``SLURM_CONF`` in ``os.environ`` while it runs.
+
+    Skipped when Slurm is not installed, unless ``CI`` is set: there a missing Slurm
+    fails the run. Import it into a conftest (``from tests.slurm_cluster import slurm``)
+    to use it elsewhere.
+    """
+    require_slurm()
+    handle = start_slurm(tmp_path_factory.mktemp("slurm"))
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(handle.conf_path)
+    try:
+        yield handle
+    finally:
+        if previous is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = previous
+        handle.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tests.slurm_cluster [WORKDIR]``: run a test cluster until Ctrl-C / SIGTERM."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("workdir", nargs="?", default=None, help="state and logs (default: a new temp dir)")
+    args = parser.parse_args(argv)
+    workdir = args.workdir or tempfile.mkdtemp(prefix="slurm-dev-")
+    try:
+        handle = start_slurm(workdir)
+    except (SlurmNotInstalled, SlurmStartError) as exc:
+        print(exc, flush=True)
+        return 1
+    stop = False
+
+    def _stop(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    print(f"Slurm is up (node {handle.hostname}, partitions {handle.default_partition}, "
+          f"{handle.short_partition}); in another shell:\n  export SLURM_CONF={handle.conf_path}\n"
+          f"logs: {handle.log_dir}; stop with Ctrl-C", flush=True)
+    try:
+        while not stop and all(p.poll() is None for p in handle.processes.values()):
+            time.sleep(0.5)
+    finally:
+        handle.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
