@@ -97,28 +97,37 @@ class _Event:
 _DEFAULT_STREAM = _Stream()
 
 
-def _noop(*args: Any, **kwargs: Any) -> None:
-    return None
+def _noop(name: str) -> Any:
+    """A distinct no-op per stubbed name (torch._dynamo refuses one object under two names)."""
+
+    def noop(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    noop.__name__ = noop.__qualname__ = name
+    return noop
 
 
 def _install_cuda_stubs() -> None:
-    cuda = torch.cuda
-    cuda.current_device = lambda: 0  # type: ignore[assignment]
-    cuda.device_count = lambda: 1  # type: ignore[assignment]
+    stubs: dict[str, Any] = {
+        "current_device": lambda: 0,
+        "device_count": lambda: 1,  # e.g. `rank % device_count()` in megatron's checkpoint worker
+        "Stream": _Stream,
+        "Event": _Event,
+        "current_stream": lambda device=None: _DEFAULT_STREAM,
+        "default_stream": lambda device=None: _DEFAULT_STREAM,
+        "stream": lambda stream=None: contextlib.nullcontext(),
+        "get_rng_state": lambda device="cuda": torch.get_rng_state(),
+        "set_rng_state": lambda state, device="cuda": torch.set_rng_state(state),
+        "memory_allocated": lambda device=None: 0,
+        "max_memory_allocated": lambda device=None: 0,
+    }
     for name in ("synchronize", "set_device", "empty_cache", "manual_seed", "manual_seed_all",
                  "reset_peak_memory_stats"):
-        setattr(cuda, name, _noop)
-    cuda.Stream = _Stream  # type: ignore[assignment,misc]
-    cuda.Event = _Event  # type: ignore[assignment,misc]
-    cuda.current_stream = lambda device=None: _DEFAULT_STREAM  # type: ignore[assignment]
-    cuda.default_stream = lambda device=None: _DEFAULT_STREAM  # type: ignore[assignment]
-    cuda.stream = lambda stream=None: contextlib.nullcontext()  # type: ignore[assignment]
-    cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()  # type: ignore[assignment]
-    cuda.set_rng_state = lambda state, device="cuda": torch.set_rng_state(state)  # type: ignore[assignment]
-    cuda.random.get_rng_state = cuda.get_rng_state  # type: ignore[assignment]
-    cuda.random.set_rng_state = cuda.set_rng_state  # type: ignore[assignment]
-    cuda.memory_allocated = lambda device=None: 0  # type: ignore[assignment]
-    cuda.max_memory_allocated = lambda device=None: 0  # type: ignore[assignment]
+        stubs[name] = _noop(name)
+    for name, value in stubs.items():
+        setattr(torch.cuda, name, value)
+    for name in ("get_rng_state", "set_rng_state"):
+        setattr(torch.cuda.random, name, stubs[name])
 
 
 # --------------------------------------------------------------------------- RNG tracker
@@ -206,8 +215,8 @@ class _CudaToCpuMode(TorchFunctionMode):
             tensors: tuple = (args[0],)
             grads = bound.get("gradient")
         else:
-            names = ("grad_tensors", "retain_graph", "create_graph", "grad_variables", "inputs")
-            bound = dict(zip(names, args[1:]), **kwargs)
+            positional = ("grad_tensors", "retain_graph", "create_graph", "grad_variables", "inputs")
+            bound = dict(zip(positional, args[1:]), **kwargs)
             tensors = (args[0],) if isinstance(args[0], torch.Tensor) else tuple(args[0])
             grads = bound.get("grad_tensors")
         inputs = bound.get("inputs")

@@ -25,8 +25,8 @@ import torch
 
 from launcher.schema import DataConfig, TrainingConfig
 from launcher.validate import ConfigError, Problem
+from trainer.tokenize import BYTE_EOD
 
-BYTE_EOD = 256  # end-of-document id of the byte tokenizer (bytes are 0..255)
 MAX_STRIDE = 8
 
 
@@ -64,6 +64,7 @@ class IndexedSource:
         from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
         from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
+        _require_dataset_helpers()
         missing = [p for p in data.paths if not (Path(p + ".bin").is_file() and Path(p + ".idx").is_file())]
         if missing:
             raise ConfigError([Problem("training.data.paths", missing,
@@ -93,6 +94,17 @@ class IndexedSource:
         item = self._dataset[index]
         tokens, labels = item["tokens"], item["labels"]
         return torch.cat([tokens, labels[-1:]]).numpy().astype(np.int64)
+
+
+def _require_dataset_helpers() -> None:
+    """GPTDataset's index building needs megatron's compiled helper; wheels ship it prebuilt."""
+    try:
+        from megatron.core.datasets import helpers_cpp  # noqa: F401
+    except ImportError as exc:
+        raise RuntimeError(
+            f"megatron-core's compiled dataset helper is missing ({exc}). Reinstall the megatron-core "
+            "wheel for this Python/platform; in a source checkout build it with "
+            "`make -C megatron/core/datasets` (needs pybind11 and a C++ compiler)") from None
 
 
 def build_source(training: TrainingConfig, vocab_size: int, total_steps: int) -> TokenSource:

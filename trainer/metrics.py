@@ -19,6 +19,7 @@ work (what the GPUs actually execute) for comparison.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -108,3 +109,22 @@ def format_step_line(m: StepMetrics) -> str:
 
 def format_final_line(steps: int, final_loss: float) -> str:
     return f"training finished: steps={steps} final_loss={final_loss:.4f}"
+
+
+_STEP_LINE = re.compile(
+    r"^step=(?P<step>\d+)/(?P<total>\d+) loss=(?P<loss>\S+) grad_norm=(?P<grad_norm>\S+) lr=(?P<lr>\S+) "
+    r"step_time_s=(?P<time>\S+) tokens_per_s=(?P<tps>\S+) tflops_per_gpu=(?P<tflops>\S+) mfu=(?P<mfu>\S+)$")
+
+
+def parse_step_line(line: str) -> Optional[StepMetrics]:
+    """The inverse of :func:`format_step_line` (values rounded as printed); None for other lines."""
+    match = _STEP_LINE.match(line.strip())
+    if match is None:
+        return None
+    g = match.groupdict()
+    return StepMetrics(
+        step=int(g["step"]), total_steps=int(g["total"]), loss=float(g["loss"]),
+        grad_norm=None if g["grad_norm"] == "n/a" else float(g["grad_norm"]), lr=float(g["lr"]),
+        step_time_s=float(g["time"]), tokens_per_s=float(g["tps"]), tflops_per_gpu=float(g["tflops"]),
+        mfu_percent=None if g["mfu"] == "n/a" else float(g["mfu"].rstrip("%")),
+    )

@@ -8,7 +8,7 @@ wrapped in megatron's ``DistributedDataParallel``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,14 +18,12 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
-from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 from launcher.schema import ModelConfig, ParallelismConfig
 from launcher.validate import ConfigError, Problem, padded_vocab_size
 from trainer.param_init import initialize_layout_independent
 
-Precision = Literal["bf16", "fp16", "fp32"]
 _DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -163,7 +161,3 @@ def gpt_module(chunk: torch.nn.Module) -> GPTModel:
         module = inner
     return module
 
-
-def count_parameters(chunks: list[DistributedDataParallel]) -> int:
-    """Parameters held by this rank (shards count once per rank)."""
-    return sum(p.numel() for chunk in chunks for p in chunk.parameters())

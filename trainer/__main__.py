@@ -1,0 +1,51 @@
+"""Rank entrypoint: ``torchrun ... -m trainer --config <run_dir>/config.yaml``.
+
+Spawn-safe: everything runs under ``if __name__ == "__main__"`` because megatron's
+checkpoint workers start processes that re-import ``__main__``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import signal
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="the config.yaml the launcher wrote into the run directory")
+    args = parser.parse_args(argv)
+    faulthandler.enable()
+    if hasattr(signal, "SIGUSR1"):  # `kill -USR1 <pid>` prints where a hung rank is
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+    from trainer import cpu_compat, megatron_noise
+
+    megatron_noise.silence()
+    if cpu_compat.activate():  # before megatron is imported: it binds torch.cuda functions at import
+        megatron_noise.silence_cpu_only()
+
+    from launcher.loading import load_run_config
+    from launcher.validate import ConfigError
+
+    try:
+        cfg = load_run_config(args.config)
+    except FileNotFoundError:
+        print(f"error: config file not found: {args.config}", file=sys.stderr)
+        return 2
+    except ConfigError as exc:
+        print(f"error: {args.config}: {exc}", file=sys.stderr)
+        return 2
+
+    from trainer.loop import train
+
+    try:
+        train(cfg)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""The training loop: set up, then one optimizer step per global batch, one log line per step."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from cluster.gpus import gpu_type
+from launcher.schema import RootConfig
+from launcher.validate import padded_vocab_size, train_steps
+from trainer import metrics
+from trainer.data import build_source, microbatches
+from trainer.distributed import Layout, init_distributed, shutdown
+from trainer.model import build_model, gpt_module, transformer_config
+from trainer.optim import build_lr_schedule, build_optimizer
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    steps: int
+    losses: list[float]  # global mean loss of every step (the same on every rank)
+
+
+def train(cfg: RootConfig) -> TrainResult:
+    """Train ``launcher.validate.train_steps(cfg)`` steps; rank 0 prints one line per step."""
+    t, m, par = cfg.training, cfg.model, cfg.parallelism
+    layout = init_distributed(par, t.seed)
+    device = torch.device("cpu") if layout.gloo else torch.device("cuda", layout.local_rank)
+    total_steps = train_steps(cfg)
+
+    config = transformer_config(m, par, t.precision, gloo=layout.gloo)
+    model = build_model(m, par, config, seed=t.seed)
+    optimizer = build_optimizer(model, t, par)
+    lr_schedule = build_lr_schedule(optimizer, t, total_steps)
+    config.grad_scale_func = optimizer.scale_loss
+    config.finalize_model_grads_func = finalize_model_grads
+    if par.overlap_grad_reduce:  # as megatron-lm: reduce once per step, started per chunk
+        no_sync = [chunk.no_sync for chunk in model]
+        grad_sync = [chunk.start_grad_sync for chunk in model]
+        config.no_sync_func = no_sync[0] if len(model) == 1 else no_sync
+        config.grad_sync_func = grad_sync[0] if len(model) == 1 else grad_sync
+
+    source = build_source(t, m.vocab_size, total_steps)
+    forward_backward = get_forward_backward_func()
+    num_microbatches = t.global_batch_size // (t.micro_batch_size * layout.dp_size)
+    flops_per_step = metrics.model_flops_per_step(metrics.FlopsShape(
+        num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size,
+        num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
+        padded_vocab_size=padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by),
+        seq_length=t.seq_length), t.global_batch_size)
+    peak_tflops = gpu_type(cfg.cluster.gpu_type).peak_bf16_tflops
+    forward_step = partial(_forward_step, device=device)
+
+    losses: list[float] = []
+    for step in range(1, total_steps + 1):
+        start = time.perf_counter()
+        for chunk in model:
+            chunk.zero_grad_buffer()
+        optimizer.zero_grad()
+        # one iterator per model chunk: the first and last virtual stages both read the batch
+        iterators = [microbatches(source, t, step - 1, layout.dp_rank, layout.dp_size) for _ in model]
+        reduced = forward_backward(
+            forward_step_func=forward_step,
+            data_iterator=iterators if len(model) > 1 else iterators[0],
+            model=model,
+            num_microbatches=num_microbatches,
+            seq_length=t.seq_length,
+            micro_batch_size=t.micro_batch_size,
+            forward_only=False,
+        )
+        lr_schedule.step(increment=1)  # step k trains with lr(k); see build_lr_schedule
+        lr = float(optimizer.param_groups[0]["lr"])
+        _, grad_norm, _ = optimizer.step()
+        loss = _global_mean_loss(reduced, layout, device)
+        if not layout.gloo:
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        losses.append(loss)
+
+        if layout.rank == 0 and (step % t.log_interval == 0 or step == total_steps):
+            achieved = metrics.tflops_per_gpu(flops_per_step, elapsed, layout.world_size)
+            print(metrics.format_step_line(metrics.StepMetrics(
+                step=step, total_steps=total_steps, loss=loss,
+                grad_norm=None if grad_norm is None else float(grad_norm), lr=lr,
+                step_time_s=elapsed, tokens_per_s=t.global_batch_size * t.seq_length / elapsed,
+                tflops_per_gpu=achieved, mfu_percent=metrics.mfu_percent(achieved, peak_tflops),
+            )), flush=True)
+
+    if par.overlap_param_gather and par.distributed_optimizer:
+        for chunk in model:  # the last update is otherwise gathered by the next forward only
+            chunk.start_param_sync(force_sync=True)
+    if layout.rank == 0:
+        print(metrics.format_final_line(total_steps, losses[-1]), flush=True)
+    shutdown()
+    return TrainResult(steps=total_steps, losses=losses)
+
+
+def _forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: torch.nn.Module, *,
+                  device: torch.device) -> tuple[torch.Tensor, Callable[[torch.Tensor], Any]]:
+    """One micro-batch through this chunk. Middle stages take activations from the pipeline."""
+    gpt = gpt_module(model)
+    batch = next(data_iterator) if gpt.pre_process or gpt.post_process else None
+    tokens = position_ids = labels = None
+    if batch is not None and gpt.pre_process:
+        tokens = batch["tokens"].to(device, non_blocking=True)
+        position_ids = batch["position_ids"].to(device, non_blocking=True)
+    if batch is not None and gpt.post_process:
+        labels = batch["labels"].to(device, non_blocking=True)
+    per_token_loss = model(tokens, position_ids, None, labels=labels)
+    return per_token_loss, _loss_func
+
+
+def _loss_func(per_token_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Sum and count; the schedule divides by tokens and micro-batches for the gradient."""
+    loss_sum = per_token_loss.float().sum()
+    num_tokens = torch.tensor(per_token_loss.numel(), dtype=torch.int, device=per_token_loss.device)
+    report = torch.stack([loss_sum.detach().clone(), num_tokens.float()])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def _global_mean_loss(reduced: list[dict[str, torch.Tensor]], layout: Layout, device: torch.device) -> float:
+    """Mean token loss over the global batch, on every rank.
+
+    Only the last pipeline stage has losses; its tensor-parallel peers hold the same values,
+    so tensor-parallel rank 0 of each data-parallel replica contributes.
+    """
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    if reduced and layout.tp_rank == 0:
+        for item in reduced:
+            total += item["lm loss"].to(total)
+    dist.all_reduce(total)
+    return float(total[0] / total[1])
