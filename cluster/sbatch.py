@@ -169,10 +169,12 @@ def render_sbatch(plan: JobPlan) -> str:
     lines += _preflight(plan)
     lines += [
         "",
-        "# SIGUSR2 (--signal, time limit ahead) or SIGTERM: ask the ranks to checkpoint and stop",
+        "# SIGUSR2 (--signal: the time limit is near): the ranks checkpoint and stop, the job requeues.",
+        "# SIGTERM (scancel, preemption): the ranks checkpoint and stop, and the job does NOT requeue.",
+        "requeue_wanted=0",
         f"request_save() {{ echo \"batch: $1 received, requesting checkpoint\"; touch \"{control}/{SAVE_REQUEST}\"; }}",
-        "trap 'request_save USR2' USR2",
-        "trap 'request_save TERM' TERM",
+        "trap 'request_save USR2; requeue_wanted=1' USR2",
+        "trap 'request_save TERM; requeue_wanted=0' TERM",
         "",
         f"echo {_q('+ srun ' + srun + ' bash')} \"$RUN_DIR/{STEP_SCRIPT}\"",
         f"srun {srun} bash \"$RUN_DIR/{STEP_SCRIPT}\" &",
@@ -186,7 +188,7 @@ def render_sbatch(plan: JobPlan) -> str:
     ]
     if c.requeue:
         lines += [
-            f"if [ -e \"{control}/{SAVE_REQUEST}\" ] && [ ! -e \"{control}/{FINISHED_MARK}\" ]; then",
+            f"if [ \"$requeue_wanted\" = 1 ] && [ ! -e \"{control}/{FINISHED_MARK}\" ]; then",
             '  echo "batch: stopped before the end of training; requeueing to resume from the latest checkpoint"',
             '  scontrol requeue "$SLURM_JOB_ID" && exit 0',
             "fi",

@@ -100,6 +100,9 @@ def _submit_slurm(root: RootConfig, run_dir: Path) -> int:
     except SubmitError as exc:
         remove_run_dir(run_dir)
         console.error(f"Slurm refused the job (nothing was submitted, run directory removed):\n{exc}")
+        field_hint = config_hint(str(exc), root)
+        if field_hint:
+            console.error(f"In the config: {field_hint}")
         return EXIT_REJECTED
     except BackendError as exc:
         remove_run_dir(run_dir)
@@ -112,6 +115,30 @@ def _submit_slurm(root: RootConfig, run_dir: Path) -> int:
     console.info(f"  logs:   python -m launcher logs {run_dir} --follow")
     console.info(f"  cancel: python -m launcher cancel {run_dir}")
     return EXIT_OK
+
+
+_CONFIG_HINTS = (
+    ("generic resource", "set cluster.gpus_per_node_flag=false (nodes are allocated whole with --exclusive)"),
+    ("partition", "set cluster.partition to one listed by `sinfo -s` (now {partition!r}), or null for the default"),
+    ("account", "set cluster.account (now {account!r})"),
+    ("qos", "set cluster.qos (now {qos!r})"),
+    ("time limit", "lower cluster.time_limit (now {time_limit!r})"),
+    ("--time", "fix cluster.time_limit (now {time_limit!r})"),
+    ("node count", "lower cluster.nodes (now {nodes})"),
+    ("processors requested", "lower cluster.nodes (now {nodes}) or cluster.gpus_per_node"),
+    ("--container-", "set cluster.container_image=null, or use a cluster with pyxis"),
+    ("node configuration is not available", "check cluster.nodes, cluster.gpus_per_node and cluster.extra_sbatch"),
+)
+
+
+def config_hint(error_text: str, root: RootConfig) -> str | None:
+    """Which config field to change for a Slurm rejection (sbatch speaks in flags, users in fields)."""
+    low = error_text.lower()
+    for needle, hint in _CONFIG_HINTS:
+        if needle.lower() in low:
+            c = root.cluster
+            return hint.format(partition=c.partition, account=c.account, qos=c.qos, time_limit=c.time_limit, nodes=c.nodes)
+    return None
 
 
 @hydra.main(config_path="../configs", config_name="launcher", version_base=None)

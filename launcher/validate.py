@@ -258,6 +258,11 @@ def _check_layout(cfg: RootConfig, add) -> None:
             f"(cluster.nodes={c.nodes} x cluster.gpus_per_node={c.gpus_per_node})")
     if p.overlap_param_gather and not p.distributed_optimizer:
         add("parallelism.overlap_param_gather", True, "needs parallelism.distributed_optimizer=true; set it false")
+    if c.gpu_type == "cpu" and p.cp > 1:
+        add("parallelism.cp", p.cp, "context parallelism needs Transformer Engine attention on GPUs; "
+            "on CPU (gpu_type=cpu) set cp=1")
+    if c.gpu_type == "cpu" and p.tp_comm_overlap:
+        add("parallelism.tp_comm_overlap", True, "needs Transformer Engine on GPUs; on CPU set it false")
     if p.tp_comm_overlap and not p.sequence_parallel:
         add("parallelism.tp_comm_overlap", True, "needs parallelism.sequence_parallel=true")
 

@@ -16,7 +16,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from cluster.gpus import gpu_type
 from launcher.schema import RootConfig
 from launcher.validate import padded_vocab_size, train_steps
-from trainer import metrics
+from trainer import control, metrics
 from trainer.data import build_source, microbatches
 from trainer.distributed import Layout, init_distributed, shutdown
 from trainer.model import build_model, gpt_module, transformer_config
@@ -59,7 +59,14 @@ def train(cfg: RootConfig) -> TrainResult:
     peak_tflops = gpu_type(cfg.cluster.gpu_type).peak_bf16_tflops
     forward_step = partial(_forward_step, device=device)
 
+    if layout.rank == 0:
+        vpp = par.vpp if par.vpp and par.vpp > 1 else 1
+        print(f"layout: world={layout.world_size} tp={par.tp} pp={par.pp} vpp={vpp} cp={par.cp} dp={layout.dp_size} "
+              f"sp={par.sequence_parallel} backend={layout.backend} micro_batches={num_microbatches} "
+              f"steps={total_steps}", flush=True)
+
     losses: list[float] = []
+    stopped_early = False
     for step in range(1, total_steps + 1):
         start = time.perf_counter()
         for chunk in model:
@@ -93,14 +100,20 @@ def train(cfg: RootConfig) -> TrainResult:
                 step_time_s=elapsed, tokens_per_s=t.global_batch_size * t.seq_length / elapsed,
                 tflops_per_gpu=achieved, mfu_percent=metrics.mfu_percent(achieved, peak_tflops),
             )), flush=True)
+        if step < total_steps and control.stop_requested(device):
+            stopped_early = True
+            if layout.rank == 0:
+                print(f"stop requested (control file): stopping after step {step}/{total_steps}", flush=True)
+            break
 
     if par.overlap_param_gather and par.distributed_optimizer:
         for chunk in model:  # the last update is otherwise gathered by the next forward only
             chunk.start_param_sync(force_sync=True)
-    if layout.rank == 0:
+    if layout.rank == 0 and not stopped_early:
         print(metrics.format_final_line(total_steps, losses[-1]), flush=True)
+        control.mark_finished()
     shutdown()
-    return TrainResult(steps=total_steps, losses=losses)
+    return TrainResult(steps=len(losses), losses=losses)
 
 
 def _forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: torch.nn.Module, *,

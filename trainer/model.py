@@ -42,12 +42,24 @@ class TorchRMSNorm(torch.nn.RMSNorm):
             setattr(param, "sequence_parallel", config.sequence_parallel)
 
 
+def transformer_engine_available(gloo: bool) -> bool:
+    """Transformer Engine layers on GPUs that have them (NGC/DLC containers); local layers otherwise."""
+    if gloo:
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def transformer_config(model: ModelConfig, par: ParallelismConfig, precision: str, *, gloo: bool) -> TransformerConfig:
     """megatron's TransformerConfig for this model, layout and precision."""
-    if par.cp > 1:
+    te = transformer_engine_available(gloo)
+    if par.cp > 1 and not te:
         raise ConfigError([Problem("parallelism.cp", par.cp, "context parallelism needs Transformer Engine "
                                    "attention; this trainer uses megatron's local layers: set cp=1")])
-    if par.tp_comm_overlap:
+    if par.tp_comm_overlap and not te:
         raise ConfigError([Problem("parallelism.tp_comm_overlap", True, "needs Transformer Engine "
                                    "userbuffers; this trainer uses megatron's local layers: set it false")])
     dtype = _DTYPES[precision]
@@ -85,6 +97,7 @@ def transformer_config(model: ModelConfig, par: ParallelismConfig, precision: st
         virtual_pipeline_model_parallel_size=vpp,
         context_parallel_size=par.cp,
         sequence_parallel=par.sequence_parallel,
+        tp_comm_overlap=par.tp_comm_overlap and te,
         pipeline_dtype=dtype,
         params_dtype=dtype,
         bf16=precision == "bf16",
@@ -98,7 +111,12 @@ def transformer_config(model: ModelConfig, par: ParallelismConfig, precision: st
     )
 
 
-def _layer_stack_spec(config: TransformerConfig, vp_stage: int | None) -> TransformerBlockSubmodules:
+def _layer_stack_spec(config: TransformerConfig, vp_stage: int | None) -> Any:
+    if transformer_engine_available(gloo=not torch.cuda.is_available()):
+        # TE's fused layers: context parallelism (TE attention), TP comm overlap, TE RMSNorm
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec()
     local = get_gpt_layer_local_spec(normalization="RMSNorm")
     layer = dataclasses.replace(
         local, submodules=dataclasses.replace(local.submodules, input_layernorm=TorchRMSNorm,
