@@ -111,6 +111,14 @@ def _preflight(plan: JobPlan) -> list[str]:
             f"  exit {PREFLIGHT_EXIT}",
             "fi",
         ]
+    if c.kind == "hyperpod":
+        out += [
+            'if [ ! -d "${HYPERLAUNCH_HYPERPOD_MARKER:-/opt/sagemaker_cluster}" ]; then',
+            '  echo "preflight: this is not a SageMaker HyperPod cluster (/opt/sagemaker_cluster is missing), '
+            'so srun --auto-resume=1 is unavailable. Use cluster=slurm (or cluster.kind=slurm)." >&2',
+            f"  exit {PREFLIGHT_EXIT}",
+            "fi",
+        ]
     if c.efa_devices > 0:
         check = (
             'export PATH="/opt/amazon/efa/bin:$PATH"; '

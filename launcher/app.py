@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import hydra
@@ -23,7 +24,7 @@ from launcher.manifest import PROJECT_ROOT, build_manifest
 from launcher.rundir import (CONFIG_FILE, MANIFEST_FILE, create_run_dir, new_run_dir_path,
                              read_job_record, remove_run_dir, write_job_record)
 from launcher.schema import RootConfig, register_configs
-from launcher.validate import ConfigError
+from launcher.validate import ConfigError, Problem
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_CONFIG, EXIT_REJECTED, EXIT_BACKEND = 0, 1, 2, 3, 4
 
@@ -50,8 +51,29 @@ def render_files(root: RootConfig, run_dir: Path, workdir: str, argv: list[str])
     return files, ("job.sbatch", STEP_SCRIPT)
 
 
+def with_dependency(root: RootConfig, depends_on: str) -> RootConfig:
+    """Resolve ``depends_on`` (a run dir, run name or Slurm job id) to ``--dependency=afterok:<id>``."""
+    from launcher.jobs import UsageError, resolve_run
+
+    if root.cluster.kind == "local":
+        raise ConfigError([Problem("depends_on", depends_on, "dependencies need a Slurm cluster; a local run "
+                                   "starts at once (run the stages one after the other instead)")])
+    job_id = depends_on if depends_on.isdigit() else None
+    if job_id is None:
+        try:
+            job_id = str(read_job_record(resolve_run(depends_on, root.runs_root)).get("job_id") or "")
+        except UsageError as exc:
+            raise ConfigError([Problem("depends_on", depends_on, str(exc))]) from None
+        if not job_id:
+            raise ConfigError([Problem("depends_on", depends_on, "that run was never submitted to Slurm")])
+    dependency = f"afterok:{job_id}" if not root.cluster.dependency else f"{root.cluster.dependency},afterok:{job_id}"
+    return replace(root, cluster=replace(root.cluster, dependency=dependency))
+
+
 def launch(root: RootConfig, argv: list[str]) -> int:
     """Create the run directory, then run locally or submit. Returns the exit code."""
+    if root.depends_on:
+        root = with_dependency(root, root.depends_on)
     workdir = root.cluster.workdir or str(PROJECT_ROOT)
     run_dir = new_run_dir_path(root.runs_root, root.run_name)
     files, executable = render_files(root, run_dir, workdir, argv)
@@ -151,6 +173,11 @@ def hydra_entry(cfg: DictConfig) -> None:
         console.error(str(exc))
         console.error("nothing was written or submitted")
         sys.exit(EXIT_CONFIG)
-    rc = launch(root, sys.argv[1:])
+    try:
+        rc = launch(root, sys.argv[1:])
+    except ConfigError as exc:
+        console.error(str(exc))
+        console.error("nothing was written or submitted")
+        sys.exit(EXIT_CONFIG)
     if rc != EXIT_OK:
         sys.exit(rc)

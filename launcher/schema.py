@@ -137,6 +137,7 @@ class RootConfig:
     run_name: str = "run"
     runs_root: str = "runs"
     dry_run: bool = False
+    depends_on: Optional[str] = None  # a previous stage (run dir, run name or job id): start after it succeeds
     model: ModelConfig = field(default_factory=ModelConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)

@@ -16,6 +16,8 @@ from launcher.schema import RootConfig
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SECRET_NAME = re.compile(r"(SECRET|TOKEN|PASSWORD|API_KEY|ACCESS_KEY|SESSION_KEY|CREDENTIAL)", re.I)
+_DEP_ITEM = r"(?:singleton|after(?:any|ok|notok|corr|burstbuffer)?:\d+(?:_\d+)?(?:\+\d+)?(?::\d+(?:_\d+)?(?:\+\d+)?)*)"
+_DEPENDENCY = re.compile(rf"^{_DEP_ITEM}(?:[,?]{_DEP_ITEM})*$")
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+):(\d{2}):(\d{2})$|^(\d+)$")
 # characters that sbatch's own #SBATCH parser or its %-patterns would misread in a path
 _UNSAFE_HEADER_PATH = re.compile(r"[\s'\"\\%$`;&|<>]")
@@ -209,6 +211,9 @@ def _check_cluster(cfg: RootConfig, add) -> None:
     for name in set(c.env) & set(c.secret_env):
         add(f"cluster.env.{name}", "<redacted>",
             "is also listed in cluster.secret_env; secrets are forwarded by name only, remove the value")
+    if c.dependency is not None and not _DEPENDENCY.match(c.dependency):
+        add("cluster.dependency", c.dependency, "use Slurm's syntax, e.g. afterok:1234 or afterok:12:13,afterany:14 "
+            "or singleton (or set depends_on=<run> to chain after a previous run)")
     for i, flag in enumerate(c.extra_sbatch):
         if not flag.startswith("--") or any(ch in flag for ch in "\n\r"):
             add(f"cluster.extra_sbatch[{i}]", flag, "use one sbatch long option per item, e.g. --constraint=p5")

@@ -69,3 +69,13 @@ def test_all_problems_reported_at_once(tmp_path: Path) -> None:
 
 def test_enough_distinct_mistakes() -> None:
     assert len({tuple(m[0]) for m in MISTAKES}) >= 15
+
+
+def test_bad_dependency_and_local_depends_on(tmp_path: Path) -> None:
+    proc = run_cli([P5, "cluster.dependency='afterok:1;touch x'", "dry_run=true"], tmp_path)
+    assert proc.returncode == 2 and "cluster.dependency" in proc.stderr
+    proc = run_cli(["depends_on=1234"], tmp_path)
+    assert proc.returncode == 2 and "dependencies need a Slurm cluster" in proc.stderr
+    proc = run_cli([P5, "depends_on=no-such-run", "dry_run=true"], tmp_path)
+    assert proc.returncode == 2 and "no run named 'no-such-run'" in proc.stderr
+    assert not any(tmp_path.iterdir())

@@ -3,6 +3,8 @@ render -> sbatch -> srun step -> torchrun -> 2 training ranks; status, cancel, f
 
 from __future__ import annotations
 
+import calendar
+import re
 import sys
 import time
 from pathlib import Path
@@ -101,3 +103,21 @@ def test_usr2_stops_ranks_together_and_requeues(slurm, tmp_path: Path) -> None:
     assert "training step exited with status 0" in text and "requeueing" in text
     assert not (run / "control" / "finished").exists()
     launcher("cancel", str(run))
+
+
+def test_depends_on_chains_stages_with_afterok(slurm, tmp_path: Path) -> None:
+    first = _submit(tmp_path, "parallelism.dp=2", "training.train_steps=8", "run_name=stage1")
+    proc = launcher(*SLURM_CPU, "parallelism.dp=2", "training.train_steps=4", "run_name=stage2",
+                    f"depends_on={first.name}", f"runs_root={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    second = next(p for p in tmp_path.iterdir() if p.name.startswith("stage2"))
+    first_id = job_record(first)["job_id"]
+    assert f"#SBATCH --dependency=afterok:{first_id}" in (second / "job.sbatch").read_text()
+    assert launcher("wait", str(second), "--timeout", "240", "--max-interval", "3", timeout=280).returncode == 0
+    assert job_record(first)["state"] == "COMPLETED" or launcher("status", str(first)).returncode == 0
+    finished_first = (first / "control" / "finished").stat().st_mtime
+    out2 = next((second / "logs").glob("*.out")).read_text()
+    assert "training finished" in out2
+    stamp = re.search(r"\(restart \d+\) at (\S+Z)", out2).group(1)  # the batch script's first line
+    started_second = calendar.timegm(time.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ"))
+    assert started_second >= int(finished_first), "stage 2 started before stage 1 finished"

@@ -41,7 +41,7 @@ def _run(tmp_path: Path, plan: JobPlan, efa_endpoints: int = 2) -> tuple[subproc
     (Path(plan.run_dir) / "job.sbatch").write_text(render_sbatch(plan))
     (Path(plan.run_dir) / "step.sh").write_text(render_step(plan))
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "node[1-2]",
-           "SLURM_JOB_NUM_NODES": "2", "HOME": str(tmp_path)}
+           "SLURM_JOB_NUM_NODES": "2", "HOME": str(tmp_path), "HYPERLAUNCH_HYPERPOD_MARKER": str(tmp_path)}
     proc = subprocess.run(["bash", str(Path(plan.run_dir) / "job.sbatch")], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=60)
     return proc, argv_log
@@ -108,3 +108,15 @@ def test_unsafe_run_dir_refused_by_renderer() -> None:
         render_sbatch(JobPlan("r", "/fsx/runs/a b", "/w", ClusterConfig(kind="slurm")))
     with pytest.raises(ValueError):
         render_sbatch(JobPlan("r", "/fsx/runs/a\n#SBATCH --x", "/w", replace(ClusterConfig(), kind="slurm")))
+
+
+def test_hyperpod_preflight_refuses_plain_slurm(tmp_path: Path) -> None:
+    cluster = ClusterConfig(kind="hyperpod", gpu_type="h100-80gb", gpus_per_node=8,
+                            python=str(tmp_path / "bin" / "stubpython"))
+    plan = JobPlan("r", str(tmp_path / "run"), str(tmp_path), cluster)
+    proc, argv_log = _run(tmp_path, plan)
+    assert proc.returncode == 0, proc.stderr
+    env = {"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "SLURM_JOB_ID": "1", "SLURM_JOB_NODELIST": "n1",
+           "HYPERLAUNCH_HYPERPOD_MARKER": str(tmp_path / "absent")}
+    proc = subprocess.run(["bash", f"{plan.run_dir}/job.sbatch"], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3 and "not a SageMaker HyperPod cluster" in proc.stderr
