@@ -41,7 +41,10 @@ def _overrides() -> list[str]:
 
 def render_files(root: RootConfig, run_dir: Path, workdir: str, argv: list[str]) -> tuple[dict[str, str], tuple[str, ...]]:
     """Every file of a new run directory, by name (pure apart from the manifest's probes)."""
-    files = {CONFIG_FILE: dump_config(root), MANIFEST_FILE: build_manifest(argv, _overrides())}
+    from monitoring.launch import run_files as monitoring_files
+
+    files = {CONFIG_FILE: dump_config(root), MANIFEST_FILE: build_manifest(argv, _overrides()),
+             **monitoring_files(root, run_dir)}
     if root.cluster.kind == "local":
         files["launch.sh"] = render_launch_script(local_command(root.cluster, str(run_dir / CONFIG_FILE)), workdir)
         return files, ("launch.sh",)

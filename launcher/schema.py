@@ -13,6 +13,12 @@ from typing import Optional
 
 from omegaconf import MISSING
 
+from checkpointing.config import CheckpointConfig
+from monitoring.config import MonitoringConfig
+
+__all__ = ["ModelConfig", "ClusterConfig", "DataConfig", "TrainingConfig", "ParallelismConfig",
+           "CheckpointConfig", "MonitoringConfig", "RootConfig", "register_configs"]
+
 
 @dataclass
 class ModelConfig:
@@ -112,22 +118,6 @@ class ParallelismConfig:
     overlap_grad_reduce: bool = True
     overlap_param_gather: bool = True
     tp_comm_overlap: bool = False
-
-
-@dataclass
-class CheckpointConfig:
-    enabled: bool = False
-    dir: Optional[str] = None  # default: <run dir>/checkpoints
-    save_interval: int = 0  # steps; 0 = only the final save
-    async_save: bool = True
-    keep_last: int = 3
-
-
-@dataclass
-class MonitoringConfig:
-    prometheus: bool = False
-    wandb: bool = False
-    wandb_project: Optional[str] = None
 
 
 @dataclass

@@ -10,7 +10,9 @@ import math
 import re
 from dataclasses import dataclass
 
+from checkpointing import config as checkpoint_config
 from cluster.gpus import GPU_TYPES
+from monitoring import config as monitoring_config
 from cluster.instances import lookup_instance
 from launcher.schema import RootConfig
 
@@ -87,6 +89,8 @@ def validate(cfg: RootConfig) -> None:
     _check_positive(cfg, add)
     _check_choices(cfg, add)
     _check_cluster(cfg, add)
+    checkpoint_config.check(cfg.checkpoint, add)
+    monitoring_config.check(cfg.monitoring, add)
     if not problems:  # the divisibility rules need positive sizes
         _check_layout(cfg, add)
         _check_training(cfg, add)
@@ -133,10 +137,6 @@ def _check_positive(cfg: RootConfig, add) -> None:
         add("model.rope_theta", m.rope_theta, "must be > 0 (Llama 3 uses 500000)")
     if c.signal_seconds < 0:
         add("cluster.signal_seconds", c.signal_seconds, "must be >= 0 (0 disables --signal)")
-    if cfg.checkpoint.save_interval < 0:
-        add("checkpoint.save_interval", cfg.checkpoint.save_interval, "must be >= 0 (0 = final save only)")
-    if cfg.checkpoint.keep_last <= 0:
-        add("checkpoint.keep_last", cfg.checkpoint.keep_last, "must be >= 1")
 
 
 def _check_choices(cfg: RootConfig, add) -> None:

@@ -17,6 +17,8 @@ from cluster.gpus import gpu_type
 from launcher.schema import RootConfig
 from launcher.validate import padded_vocab_size, train_steps
 from trainer import control, metrics
+from trainer.callbacks import StepReport, TrainState, build_callbacks
+from trainer.timing import StepTimer
 from trainer.data import build_source, microbatches
 from trainer.distributed import Layout, init_distributed, shutdown
 from trainer.model import build_model, gpt_module, transformer_config
@@ -57,18 +59,71 @@ def train(cfg: RootConfig) -> TrainResult:
         padded_vocab_size=padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by),
         seq_length=t.seq_length), t.global_batch_size)
     peak_tflops = gpu_type(cfg.cluster.gpu_type).peak_bf16_tflops
-    forward_step = partial(_forward_step, device=device)
+    timer = StepTimer(cuda=not layout.gloo)
+    forward_step = partial(_forward_step, device=device, timer=timer)
+    state = TrainState(cfg=cfg, layout=layout, model=model, optimizer=optimizer, lr_schedule=lr_schedule,
+                       total_steps=total_steps)
+    callbacks = build_callbacks(cfg, layout)
+    for callback in callbacks:
+        callback.on_train_start(state)  # a checkpoint callback may resume: state.step > 0
 
     if layout.rank == 0:
         vpp = par.vpp if par.vpp and par.vpp > 1 else 1
         print(f"layout: world={layout.world_size} tp={par.tp} pp={par.pp} vpp={vpp} cp={par.cp} dp={layout.dp_size} "
               f"sp={par.sequence_parallel} backend={layout.backend} micro_batches={num_microbatches} "
-              f"steps={total_steps}", flush=True)
+              f"steps={total_steps} start_step={state.step + 1}", flush=True)
 
     losses: list[float] = []
-    stopped_early = False
-    for step in range(1, total_steps + 1):
+    state.extra["source"] = source
+    try:
+        finished = _run_steps(state, callbacks, timer, forward_step, forward_backward, num_microbatches,
+                              flops_per_step, peak_tflops, losses)
+    except BaseException as exc:
+        for callback in callbacks:
+            callback.on_train_end(state, finished=False, error=exc)
+        raise
+    for callback in callbacks:
+        callback.on_train_end(state, finished=finished)
+    if par.overlap_param_gather and par.distributed_optimizer:
+        for chunk in model:  # the last update is otherwise gathered by the next forward only
+            chunk.start_param_sync(force_sync=True)
+    _report_peak_memory(layout, device)
+    if layout.rank == 0 and finished:
+        print(metrics.format_final_line(total_steps, losses[-1] if losses else float("nan")), flush=True)
+        control.mark_finished()
+    shutdown()
+    return TrainResult(steps=len(losses), losses=losses)
+
+
+def _report_peak_memory(layout: Layout, device: torch.device) -> None:
+    """Rank 0 prints the largest per-rank peak: CUDA allocator peaks, or max RSS on CPU."""
+    if layout.gloo:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        peaks = torch.tensor([rss, rss], dtype=torch.float64, device=device)
+        kind = "cpu_max_rss"
+    else:
+        peaks = torch.tensor([torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()],
+                             dtype=torch.float64, device=device)
+        kind = "cuda"
+    dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
+    if layout.rank == 0:
+        print(f"memory: kind={kind} max_peak_allocated_bytes={int(peaks[0])} max_peak_reserved_bytes={int(peaks[1])}",
+              flush=True)
+
+
+def _run_steps(state: TrainState, callbacks: list, timer: StepTimer, forward_step: Callable[..., Any],
+               forward_backward: Callable[..., Any], num_microbatches: int, flops_per_step: float,
+               peak_tflops: float | None, losses: list[float]) -> bool:
+    """Train from state.step + 1; True when all steps ran, False when a stop was requested."""
+    cfg, layout, model, optimizer, lr_schedule = state.cfg, state.layout, state.model, state.optimizer, state.lr_schedule
+    t, total_steps = cfg.training, state.total_steps
+    device = torch.device("cpu") if layout.gloo else torch.device("cuda", layout.local_rank)
+    source = state.extra["source"]
+    for step in range(state.step + 1, total_steps + 1):
         start = time.perf_counter()
+        timer.reset()
         for chunk in model:
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
@@ -91,43 +146,42 @@ def train(cfg: RootConfig) -> TrainResult:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         losses.append(loss)
+        state.step = step
 
+        achieved = metrics.tflops_per_gpu(flops_per_step, elapsed, layout.world_size)
+        report = StepReport(
+            step=step, total_steps=total_steps, loss=loss, grad_norm=None if grad_norm is None else float(grad_norm),
+            lr=lr, step_time_s=elapsed, tokens_per_s=t.global_batch_size * t.seq_length / elapsed,
+            tflops_per_gpu=achieved, mfu_percent=metrics.mfu_percent(achieved, peak_tflops),
+            compute_s=timer.compute_s(), data_wait_s=timer.data_wait_s)
         if layout.rank == 0 and (step % t.log_interval == 0 or step == total_steps):
-            achieved = metrics.tflops_per_gpu(flops_per_step, elapsed, layout.world_size)
             print(metrics.format_step_line(metrics.StepMetrics(
-                step=step, total_steps=total_steps, loss=loss,
-                grad_norm=None if grad_norm is None else float(grad_norm), lr=lr,
-                step_time_s=elapsed, tokens_per_s=t.global_batch_size * t.seq_length / elapsed,
-                tflops_per_gpu=achieved, mfu_percent=metrics.mfu_percent(achieved, peak_tflops),
-            )), flush=True)
+                step=step, total_steps=total_steps, loss=loss, grad_norm=report.grad_norm, lr=lr,
+                step_time_s=elapsed, tokens_per_s=report.tokens_per_s, tflops_per_gpu=achieved,
+                mfu_percent=report.mfu_percent)), flush=True)
+        for callback in callbacks:
+            callback.on_step_end(state, report)
         if step < total_steps and control.stop_requested(device):
-            stopped_early = True
             if layout.rank == 0:
                 print(f"stop requested (control file): stopping after step {step}/{total_steps}", flush=True)
-            break
-
-    if par.overlap_param_gather and par.distributed_optimizer:
-        for chunk in model:  # the last update is otherwise gathered by the next forward only
-            chunk.start_param_sync(force_sync=True)
-    if layout.rank == 0 and not stopped_early:
-        print(metrics.format_final_line(total_steps, losses[-1]), flush=True)
-        control.mark_finished()
-    shutdown()
-    return TrainResult(steps=len(losses), losses=losses)
+            return False
+    return True
 
 
 def _forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: torch.nn.Module, *,
-                  device: torch.device) -> tuple[torch.Tensor, Callable[[torch.Tensor], Any]]:
+                  device: torch.device, timer: StepTimer) -> tuple[torch.Tensor, Callable[[torch.Tensor], Any]]:
     """One micro-batch through this chunk. Middle stages take activations from the pipeline."""
     gpt = gpt_module(model)
-    batch = next(data_iterator) if gpt.pre_process or gpt.post_process else None
+    with timer.data():
+        batch = next(data_iterator) if gpt.pre_process or gpt.post_process else None
     tokens = position_ids = labels = None
     if batch is not None and gpt.pre_process:
         tokens = batch["tokens"].to(device, non_blocking=True)
         position_ids = batch["position_ids"].to(device, non_blocking=True)
     if batch is not None and gpt.post_process:
         labels = batch["labels"].to(device, non_blocking=True)
-    per_token_loss = model(tokens, position_ids, None, labels=labels)
+    with timer.compute():
+        per_token_loss = model(tokens, position_ids, None, labels=labels)
     return per_token_loss, _loss_func
 
 

@@ -1,0 +1,68 @@
+"""Extension points of the training loop: checkpointing and monitoring plug in here.
+
+The loop calls, in order: ``on_train_start`` (a checkpoint callback may restore state and
+set ``state.step``), ``on_step_end`` after every optimizer step, and ``on_train_end`` once
+(``finished=False`` when a stop was requested; ``error`` set when training raised). Callbacks are
+built by their own packages from the typed config; the loop knows only this protocol.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Protocol
+
+from launcher.schema import RootConfig
+from trainer.distributed import Layout
+
+
+@dataclass
+class TrainState:
+    """What a callback may read (and, for resume, restore) on this rank."""
+
+    cfg: RootConfig
+    layout: Layout
+    model: list[Any]  # megatron DDP model chunks (one per virtual stage)
+    optimizer: Any  # megatron optimizer
+    lr_schedule: Any  # trainer.optim schedule (state_dict / load_state_dict)
+    total_steps: int
+    step: int = 0  # last completed optimizer step; data position is derived from it
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def consumed_samples(self) -> int:
+        return self.step * self.cfg.training.global_batch_size
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """One optimizer step as this rank saw it (loss and throughput are global)."""
+
+    step: int
+    total_steps: int
+    loss: float
+    grad_norm: Optional[float]
+    lr: float
+    step_time_s: float
+    tokens_per_s: float
+    tflops_per_gpu: float
+    mfu_percent: Optional[float]
+    compute_s: float  # this rank's forward compute time (no collectives): the straggler signal
+    data_wait_s: float  # time spent waiting for the next micro-batch
+
+
+class TrainingCallback(Protocol):
+    def on_train_start(self, state: TrainState) -> None: ...
+
+    def on_step_end(self, state: TrainState, report: StepReport) -> None: ...
+
+    def on_train_end(self, state: TrainState, *, finished: bool, error: Optional[BaseException] = None) -> None:
+        """``error`` is set when training raised: do not start collectives (peers may be gone)."""
+
+
+def build_callbacks(cfg: RootConfig, layout: Layout) -> list[TrainingCallback]:
+    """Checkpointing first (it may resume), then monitoring."""
+    from checkpointing.training import make_callback as checkpoint_callback
+    from monitoring.training import make_callback as monitoring_callback
+
+    made = (checkpoint_callback(cfg, layout), monitoring_callback(cfg, layout))
+    return [cb for cb in made if cb is not None]
