@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what the tests need (Debian's slurm-wlm + munge, the test
-# extra), then runs pytest. The tests start a single-node Slurm themselves and stop it by PID.
+# extra), then runs pytest.
+# Also Debian's prometheus + pushgateway for the monitoring tests (started and stopped by the tests). The tests start a single-node Slurm themselves and stop it by PID.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v slurmctld >/dev/null 2>&1 || ! command -v munged >/dev/null 2>&1; then
-  echo "test.sh: installing slurm-wlm and munge (Debian)" >&2
+need=()
+command -v slurmctld >/dev/null 2>&1 || need+=(slurm-wlm)
+command -v munged >/dev/null 2>&1 || need+=(munge)
+command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
+command -v prometheus-pushgateway >/dev/null 2>&1 || need+=(prometheus-pushgateway)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "test.sh: installing ${need[*]} (Debian)" >&2
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq >&2 || true
-  apt-get install -y -qq --no-install-recommends slurm-wlm munge >&2
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >&2
 fi
 PY=$(bash scripts/install.sh --test | tail -n 1)
 exec "$PY" -m pytest -q -ra "$@"
