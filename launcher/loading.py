@@ -29,7 +29,10 @@ def to_root(cfg: DictConfig | dict[str, Any]) -> RootConfig:
 
 def load_run_config(path: str | Path) -> RootConfig:
     """Load the resolved config a launcher wrote into a run directory."""
-    return to_root(OmegaConf.load(Path(path)))
+    loaded = OmegaConf.load(Path(path))
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError([Problem(str(path), type(loaded).__name__, "a run config must be a YAML mapping")])
+    return to_root(loaded)
 
 
 def dump_config(root: RootConfig) -> str:

@@ -84,7 +84,9 @@ def derived_dp(cfg: RootConfig) -> int | None:
 def validate(cfg: RootConfig) -> None:
     """Raise ConfigError listing every problem; return None when the config is usable."""
     problems: list[Problem] = []
-    add = lambda f, v, fix: problems.append(Problem(f, v, fix))  # noqa: E731
+
+    def add(field_name: str, value: object, fix: str) -> None:
+        problems.append(Problem(field_name, value, fix))
 
     _check_positive(cfg, add)
     _check_choices(cfg, add)
