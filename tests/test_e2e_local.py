@@ -37,6 +37,11 @@ def test_tiny_local_default(tmp_path: Path) -> None:
     assert "commit" in manifest["git"]
     assert (run / "launch.sh").read_text().count("torch.distributed.run") == 1
     assert "step=30/30" in proc.stdout  # streamed to the terminal too
+    tail = launcher("logs", str(run), "-n", "3")
+    assert tail.returncode == 0 and len(tail.stdout.strip().splitlines()) == 3
+    assert "training finished" in tail.stdout and "step=1/30" not in tail.stdout
+    follow = launcher("logs", str(run), "--follow", timeout=60)  # a finished run: prints and returns
+    assert follow.returncode == 0 and "step=30/30" in follow.stdout
 
 
 @pytest.mark.parametrize("layout", [["parallelism.tp=2"], ["parallelism.pp=2"], ["parallelism.dp=2"]],
