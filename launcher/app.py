@@ -77,9 +77,15 @@ def launch(root: RootConfig, argv: list[str]) -> int:
     """Create the run directory, then run locally or submit. Returns the exit code."""
     if root.depends_on:
         root = with_dependency(root, root.depends_on)
+    from memory_predictor.launcher_bridge import apply_predictor
+
+    root, predicted, notes = apply_predictor(root)  # parallelism=auto, fit check of manual layouts
+    for note in notes:
+        console.info(note)
     workdir = root.cluster.workdir or str(PROJECT_ROOT)
     run_dir = new_run_dir_path(root.runs_root, root.run_name)
     files, executable = render_files(root, run_dir, workdir, argv)
+    files.update(predicted)
     create_run_dir(run_dir, files, executable)
     if root.dry_run:
         console.info(f"dry run: rendered {len(files)} files, submitted nothing")

@@ -1,4 +1,4 @@
-"""Job management: ``list``, ``status``, ``logs``, ``cancel``, ``wait``.
+"""Job management: ``list``, ``status``, ``logs``, ``cancel``, ``wait``; ``sweep`` (launcher/sweep.py).
 
 A run is named by its directory, by its run-dir name (or a prefix of it) under the runs
 root, or by its Slurm job id; with no name, the newest run. State comes from the backend
@@ -18,7 +18,7 @@ from typing import Any
 from launcher import console
 from launcher.rundir import list_run_dirs, read_job_record, write_job_record
 
-SUBCOMMANDS = ("list", "status", "logs", "cancel", "wait")
+SUBCOMMANDS = ("list", "status", "logs", "cancel", "wait", "sweep")
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY",
             "BOOT_FAIL", "DEADLINE", "NOT_SUBMITTED", "LOST"}
 DEFAULT_ROOT = os.environ.get("HYPERLAUNCH_RUNS_ROOT", "runs")
@@ -238,6 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("-f", "--follow", action="store_true", help="stream until the job ends")
             p.add_argument("-n", "--lines", type=int, default=50)
             p.add_argument("--err", action="store_true", help="the stderr file instead of stdout (Slurm)")
+    from launcher import sweep
+
+    p = sub.add_parser("sweep", help="benchmark the predictor's top layouts at several scales")
+    sweep.add_arguments(p)
+    p.set_defaults(func=sweep.run)
     return parser
 
 

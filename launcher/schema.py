@@ -105,7 +105,7 @@ class TrainingConfig:
 
 @dataclass
 class ParallelismConfig:
-    mode: str = "manual"  # manual | auto (auto: filled by the memory predictor)
+    mode: str = "manual"  # manual | auto (auto: the memory predictor picks the layout and micro batch)
     tp: int = 1
     pp: int = 1
     vpp: Optional[int] = None  # virtual pipeline chunks per rank (interleaved 1F1B)
@@ -118,6 +118,11 @@ class ParallelismConfig:
     overlap_grad_reduce: bool = True
     overlap_param_gather: bool = True
     tp_comm_overlap: bool = False
+    # memory predictor (memory_predictor/): auto-layout search and the fit check of manual layouts
+    allow_oom: bool = False  # launch a manual layout even when it is predicted not to fit
+    usable_memory_fraction: float = 0.85  # a layout fits when its predicted peak <= this x GPU memory
+    top_k: int = 5  # auto: alternatives recorded (with breakdowns) in the run directory
+    memory_gib: Optional[float] = None  # per-device memory for the predictor; default: the GPU type's
 
 
 @dataclass

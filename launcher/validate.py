@@ -94,7 +94,10 @@ def validate(cfg: RootConfig) -> None:
     checkpoint_config.check(cfg.checkpoint, add)
     monitoring_config.check(cfg.monitoring, add)
     if not problems:  # the divisibility rules need positive sizes
-        _check_layout(cfg, add)
+        if cfg.parallelism.mode == "auto":  # the layout fields are filled by the predictor at launch
+            _check_model(cfg, add)
+        else:
+            _check_layout(cfg, add)
         _check_training(cfg, add)
     if problems:
         raise ConfigError(problems)
@@ -164,9 +167,13 @@ def _check_choices(cfg: RootConfig, add) -> None:
             "indexed data needs at least one .bin/.idx path prefix (make them with `python -m trainer.tokenize`)")
     if not cfg.run_name.strip():
         add("run_name", cfg.run_name, "must not be empty")
-    if cfg.parallelism.mode == "auto":
-        add("parallelism.mode", "auto",
-            "the memory predictor that fills `auto` is not part of this build yet; use parallelism=manual")
+    p = cfg.parallelism
+    if not 0 < p.usable_memory_fraction <= 1:
+        add("parallelism.usable_memory_fraction", p.usable_memory_fraction, "must be in (0, 1], e.g. 0.85")
+    if p.top_k <= 0:
+        add("parallelism.top_k", p.top_k, "must be a positive integer (alternatives recorded for parallelism=auto)")
+    if p.memory_gib is not None and p.memory_gib <= 0:
+        add("parallelism.memory_gib", p.memory_gib, "must be a positive number of GiB, or null for the GPU type's")
 
 
 def _check_cluster(cfg: RootConfig, add) -> None:
@@ -274,9 +281,26 @@ def _check_layout(cfg: RootConfig, add) -> None:
         add("parallelism.tp_comm_overlap", True, "needs parallelism.sequence_parallel=true")
 
 
+def _check_model(cfg: RootConfig, add) -> None:
+    """The layout-independent rules of ``_check_layout`` (parallelism=auto checks the rest per candidate)."""
+    m, t = cfg.model, cfg.training
+    if m.num_attention_heads % m.num_query_groups:
+        add("model.num_query_groups", m.num_query_groups,
+            f"must divide model.num_attention_heads={m.num_attention_heads}")
+    if m.hidden_size % m.num_attention_heads:
+        add("model.hidden_size", m.hidden_size, f"must be divisible by model.num_attention_heads={m.num_attention_heads}")
+    if t.seq_length > m.max_position_embeddings and m.rope_scaling_factor is None:
+        add("training.seq_length", t.seq_length, f"exceeds model.max_position_embeddings={m.max_position_embeddings}")
+
+
 def _check_training(cfg: RootConfig, add) -> None:
     t, p = cfg.training, cfg.parallelism
     dp = derived_dp(cfg)
+    if p.mode == "auto":  # the batch rules depend on the layout the predictor picks
+        if t.train_tokens is not None and t.train_tokens < t.global_batch_size * t.seq_length:
+            add("training.train_tokens", t.train_tokens,
+                f"is less than one step ({t.global_batch_size * t.seq_length} tokens)")
+        return
     if dp is None:
         return
     per_step = t.micro_batch_size * dp
