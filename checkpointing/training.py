@@ -1,12 +1,217 @@
-"""The checkpoint callback for the training loop (see trainer.callbacks)."""
+"""The checkpoint callback for the training loop (see trainer.callbacks).
+
+* ``on_train_start``: resume (newest committed step; from S3 when the shared filesystem has none),
+  start the S3 replicator (rank 0), take over SIGTERM/SIGUSR2 (stop after this step, then save);
+* ``on_step_end``: collect a finished background save; every ``save_interval`` steps start one
+  (the loop blocks only for staging; a save still in flight is waited for first);
+* ``on_train_end``: finish the save in flight and save the last step synchronously — also when a
+  stop was requested — then let the replicator upload it; after an error: no collectives.
+"""
 
 from __future__ import annotations
 
+import signal
+import sys
+import time
+from dataclasses import asdict
+from datetime import timedelta
+from pathlib import Path
+from types import FrameType
+from typing import Any, Optional
+
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from checkpointing.preflight import checkpoint_root
+from checkpointing.replicator_process import ReplicatorProcess
+from checkpointing.resume import choose_step, load
+from checkpointing.signature import layout_signature, model_signature, training_signature
+from checkpointing.state import sharded_state_dict
+from checkpointing.status import SAVE_STATUS_NAME, SaveStatus, read_replication_status, write_json_atomic
+from checkpointing.store import CheckpointStore, step_name
+from checkpointing.writer import CheckpointWriter, SaveOutcome, live_storages
 from launcher.schema import RootConfig
-from trainer.callbacks import TrainingCallback
+from trainer import control
+from trainer.callbacks import StepReport, TrainingCallback, TrainState
 from trainer.distributed import Layout
+
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR2") if hasattr(signal, name))
+GROUP_TIMEOUT = timedelta(minutes=30)
+
+
+class CheckpointError(RuntimeError):
+    """The final checkpoint could not be committed."""
 
 
 def make_callback(cfg: RootConfig, layout: Layout) -> TrainingCallback | None:
     """None while checkpointing is disabled."""
-    return None
+    if not cfg.checkpoint.enabled:
+        return None
+    return CheckpointCallback(cfg, layout)
+
+
+class CheckpointCallback:
+    def __init__(self, cfg: RootConfig, layout: Layout):
+        self.cfg = cfg.checkpoint
+        self.root_cfg = cfg
+        self.layout = layout
+        self.store = CheckpointStore(checkpoint_root(self.cfg))
+        # collectives of the background save run on their own gloo communicator (and thread)
+        self.group = dist.new_group(backend="gloo", timeout=GROUP_TIMEOUT)
+        self.save_status = SaveStatus()
+        self.replicator: Optional[ReplicatorProcess] = None
+        self.writer: Optional[CheckpointWriter] = None
+        self._saved_step: Optional[int] = None  # committed or in flight
+        self._previous_handlers: dict[int, Any] = {}
+
+    # ------------------------------------------------------------------ callback protocol
+    def on_train_start(self, state: TrainState) -> None:
+        state.extra["checkpoint"] = self
+        self._install_signal_handlers()
+        if self.layout.rank == 0:
+            self.store.remove_leftovers(say=self._say)
+        if self.cfg.resume:
+            valid = choose_step(self.store, self.cfg, state, self.group, self._say)
+            if valid is not None:
+                load(state, valid, self._say)
+                self._saved_step = valid.step
+                self.save_status.resumed_from_step = valid.step
+                self.save_status.last_committed_step = valid.step
+        if self.layout.rank == 0 and self.cfg.replicated:
+            self.replicator = ReplicatorProcess(self.store.root, self.cfg, self._say)
+        dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        self.writer = CheckpointWriter(self.store, self.group, write_threads=self.cfg.write_threads,
+                                       parallel_group=dp_group,
+                                       after_commit=None if self.cfg.replicated else self._prune)
+
+    def on_step_end(self, state: TrainState, report: StepReport) -> None:
+        assert self.writer is not None
+        outcome = self.writer.poll()
+        if outcome is not None:
+            self._record(outcome)
+        interval = self.cfg.save_interval
+        if interval and state.step % interval == 0 and state.step < state.total_steps:
+            self._save(state, blocking=not self.cfg.async_save)
+
+    def on_train_end(self, state: TrainState, *, finished: bool, error: Optional[BaseException] = None) -> None:
+        self._restore_signal_handlers()
+        if error is not None:  # peers may be gone: no collectives, nothing waited for
+            if self.replicator is not None:
+                self.replicator.stop(grace_s=2.0)
+            return
+        assert self.writer is not None
+        outcome = self._wait_in_flight(state.step)
+        if outcome is not None:
+            self._record(outcome)
+        final: Optional[SaveOutcome] = None
+        if self._saved_step != state.step:
+            final = self._save(state, blocking=True)
+        self.writer.close()
+        if self.replicator is not None:
+            if finished:
+                timeout = self.cfg.s3.final_upload_timeout_s
+                self._say(f"checkpoint: waiting up to {timeout} s for S3 to have {step_name(state.step)}")
+                if not self.replicator.drain(timeout):
+                    self._say(f"checkpoint: S3 replication of {step_name(state.step)} did not finish; the next run "
+                              "(or `python -m checkpointing.replicate once`) continues it from the journal")
+            else:
+                self.replicator.stop()
+        if final is not None and not final.committed:
+            raise CheckpointError(f"the final checkpoint ({step_name(state.step)}) was not committed: {final.error}")
+
+    # ------------------------------------------------------------------ status for monitoring
+    def status(self) -> dict[str, Any]:
+        """Save counters, and on rank 0 the replicator's (see checkpointing.status)."""
+        replication = read_replication_status(self.store.root) if self.cfg.replicated else None
+        return {"save": asdict(self.save_status), "replication": asdict(replication) if replication else None}
+
+    # ------------------------------------------------------------------ saving
+    def _save(self, state: TrainState, *, blocking: bool) -> Optional[SaveOutcome]:
+        assert self.writer is not None
+        previous = self._wait_in_flight(state.step)
+        if previous is not None:
+            self._record(previous)
+        par = self.root_cfg.parallelism
+        if par.distributed_optimizer and par.overlap_param_gather:
+            for chunk in state.model:  # the step's updated shards are otherwise gathered at the next forward
+                chunk.start_param_sync(force_sync=True)
+        manifest_fields = {
+            "consumed_samples": state.consumed_samples,
+            "model": model_signature(self.root_cfg.model),
+            "layout": layout_signature(self.root_cfg, self.layout.world_size, self.layout.dp_size),
+            "training": training_signature(self.root_cfg),
+        }
+        self.writer.start(state.step, sharded_state_dict(state), manifest_fields,
+                          live=live_storages(state.model, state.optimizer), stage=not blocking)
+        self._saved_step = state.step
+        if not blocking:
+            return None
+        outcome = self.writer.wait()
+        assert outcome is not None
+        self._record(outcome)
+        return outcome
+
+    def _wait_in_flight(self, step: int) -> Optional[SaveOutcome]:
+        assert self.writer is not None
+        if not self.writer.in_flight:
+            return None
+        t0 = time.perf_counter()
+        outcome = self.writer.wait()
+        waited = time.perf_counter() - t0
+        self.save_status.waited_for_previous_s_total += waited
+        if waited > 0.5 and self.layout.rank == 0 and outcome is not None:
+            self._say(f"checkpoint: waited {waited:.1f} s for the save of {step_name(outcome.step)} before step "
+                      f"{step}'s (a save takes longer than checkpoint.save_interval steps)")
+        return outcome
+
+    def _record(self, outcome: SaveOutcome) -> None:
+        status = self.save_status
+        status.saves_total += 1
+        status.last_blocking_s = round(outcome.blocking_s, 4)
+        status.last_background_s = round(outcome.background_s, 4)
+        status.updated_unix = time.time()
+        if outcome.committed:
+            status.last_committed_step = outcome.step
+            status.last_bytes = outcome.total_bytes
+            status.last_error = None
+            if self.layout.rank == 0:
+                self._say(f"checkpoint: committed {outcome.path} ({outcome.total_bytes / 2**20:.1f} MiB; training "
+                          f"blocked {status.last_blocking_s:.3f} s, background {outcome.background_s:.2f} s)")
+                if self.replicator is not None:
+                    self.replicator.committed(outcome.step)
+        else:
+            status.save_failures_total += 1
+            status.last_error = outcome.error
+            if self._saved_step == outcome.step:
+                self._saved_step = status.last_committed_step
+            if self.layout.rank == 0:
+                self._say(f"checkpoint: save of {step_name(outcome.step)} FAILED, training continues: {outcome.error}")
+        if self.layout.rank == 0:
+            write_json_atomic(Path(self.store.root, SAVE_STATUS_NAME), asdict(status))
+
+    def _prune(self, step: int) -> None:
+        self.store.prune(self.cfg.keep_last, replicated=None, say=self._say)
+
+    # ------------------------------------------------------------------ signals
+    def _install_signal_handlers(self) -> None:
+        for sig in STOP_SIGNALS:
+            try:
+                self._previous_handlers[sig] = signal.signal(sig, self._on_stop_signal)
+            except ValueError:  # not the main thread (embedded use): the control file still works
+                pass
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler)
+        self._previous_handlers.clear()
+
+    def _on_stop_signal(self, signum: int, frame: Optional[FrameType]) -> None:
+        first = not control.stop_was_requested()
+        control.request_stop()
+        if first and self.layout.rank == 0:
+            name = signal.Signals(signum).name
+            print(f"checkpoint: {name} received: saving after this step, then stopping", file=sys.stderr, flush=True)
+
+    def _say(self, line: str) -> None:
+        if self.layout.rank == 0:
+            print(line, flush=True)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import os
 import signal
 import sys
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,9 +39,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.config}: {exc}", file=sys.stderr)
         return 2
 
+    from checkpointing.preflight import RUN_DIR_ENV, preflight
     from trainer.loop import train
 
+    # the launcher writes config.yaml into the run directory (the default checkpoint location)
+    os.environ.setdefault(RUN_DIR_ENV, str(Path(args.config).resolve().parent))
     try:
+        preflight(cfg, rank=int(os.environ.get("RANK", "0")))  # bad checkpoint settings fail before the model is built
         train(cfg)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -12,6 +12,8 @@ _EXPECTED = (
     ".*If you are using transformer_engine as the transformer implementation.*",  # selective recompute
     ".*all_gather_into_tensor. is deprecated.*",  # torch 2.13 renames, called inside megatron
     ".*reduce_scatter_tensor. is deprecated.*",
+    ".*`load_state_dict` is deprecated and will be removed.*",  # megatron's torch_dist checkpoint load
+    ".*Please use DTensor instead and we are deprecating ShardedTensor.*",
 )
 
 
