@@ -24,6 +24,8 @@ STEP_SCRIPT = "step.sh"
 CONTROL_DIR = "control"
 SAVE_REQUEST = "save_and_exit"  # the trainer polls for this file (written on SIGUSR2)
 FINISHED_MARK = "finished"  # the trainer writes this when all steps are done
+PROMETHEUS_MARK = "prometheus.yml"  # monitoring.launch.PROMETHEUS_FILE: monitoring.prometheus=true
+NODE_EXPORTER_ENV = "HYPERLAUNCH_NODE_EXPORTER"  # monitoring.node_exporter.STARTED_ENV
 PREFLIGHT_EXIT = 3
 
 
@@ -209,6 +211,7 @@ def render_step(plan: JobPlan) -> str:
     """Runs once per node inside the srun step (inside the container when configured)."""
     c = plan.cluster
     py = _q(c.python)
+    mark = _q(f"{plan.run_dir}/{PROMETHEUS_MARK}")
     return "\n".join([
         "#!/bin/bash",
         "# One per node: derive the rendezvous head from the step's CURRENT node list (it changes",
@@ -218,6 +221,12 @@ def render_step(plan: JobPlan) -> str:
         'nodelist="${SLURM_STEP_NODELIST:-$SLURM_JOB_NODELIST}"',
         f'head=$({py} -m cluster.hostlist --first "$nodelist")',
         'nnodes="${SLURM_STEP_NUM_NODES:-$SLURM_JOB_NUM_NODES}"',
+        "# monitoring.prometheus=true (the run has prometheus.yml): one GPU/EFA node exporter per node,",
+        "# up before torchrun so start-up hangs show; it exits with torchrun (exec keeps this PID).",
+        f'if [ -f {mark} ] && [ -z "${{{NODE_EXPORTER_ENV}:-}}" ]; then',
+        f"  export {NODE_EXPORTER_ENV}=1",
+        f"  {py} -m monitoring.node_exporter --run-dir {_q(plan.run_dir)} --parent-pid $$ &",
+        "fi",
         f"exec {py} -m torch.distributed.run \\",
         '  --nnodes="$nnodes" \\',
         f"  --nproc-per-node={c.gpus_per_node} \\",

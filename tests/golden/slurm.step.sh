@@ -6,6 +6,12 @@ cd /home/me/hyperlaunch
 nodelist="${SLURM_STEP_NODELIST:-$SLURM_JOB_NODELIST}"
 head=$(/opt/venv/bin/python -m cluster.hostlist --first "$nodelist")
 nnodes="${SLURM_STEP_NUM_NODES:-$SLURM_JOB_NUM_NODES}"
+# monitoring.prometheus=true (the run has prometheus.yml): one GPU/EFA node exporter per node,
+# up before torchrun so start-up hangs show; it exits with torchrun (exec keeps this PID).
+if [ -f /fsx/runs/golden-20260101-000000/prometheus.yml ] && [ -z "${HYPERLAUNCH_NODE_EXPORTER:-}" ]; then
+  export HYPERLAUNCH_NODE_EXPORTER=1
+  /opt/venv/bin/python -m monitoring.node_exporter --run-dir /fsx/runs/golden-20260101-000000 --parent-pid $$ &
+fi
 exec /opt/venv/bin/python -m torch.distributed.run \
   --nnodes="$nnodes" \
   --nproc-per-node=8 \

@@ -1,0 +1,260 @@
+"""The Prometheus sink: one HTTP exporter per rank, registered for discovery, and an optional push.
+
+Every rank serves its own registry on ``port_base + 1 + local_rank`` (an ephemeral port when that
+one is taken: the target file holds the real address). Rank 0 also exports the job-level series
+(state, stragglers, throughput drop) and, with ``pushgateway_url``, pushes them so the outcome of
+a job outlives its processes. A rank that fails pushes its own ``failed`` state.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Summary, push_to_gateway, start_http_server
+
+from monitoring import discovery
+from monitoring import names as n
+from monitoring.config import MonitoringConfig
+from monitoring.events import (CheckpointEvent, Operation, Outcome, RankIdentity, RunInfo, StepSample,
+                               StragglerReport, ThroughputReport)
+from monitoring.sinks import MetricSink
+
+Report = Callable[[str, str], None]  # (component, message): something is missing
+
+
+def serve(registry: CollectorRegistry, bind: str, port: int) -> tuple[object, int, Optional[str]]:
+    """Start an exporter on ``port``, or on an ephemeral port when it is taken.
+
+    Returns (server, bound port, problem or None); raises OSError when nothing can be bound.
+    """
+    try:
+        server, _ = start_http_server(port, addr=bind, registry=registry)
+        return server, int(server.server_port), None
+    except OSError as exc:
+        server, _ = start_http_server(0, addr=bind, registry=registry)
+        bound = int(server.server_port)
+        return server, bound, (f"port {port} is taken ({exc.strerror or exc}); serving metrics on {bound} "
+                               "instead (the target file records it, so Prometheus still finds this process)")
+
+
+def stop(server: object) -> None:
+    shutdown = getattr(server, "shutdown", None)
+    if shutdown is not None:
+        shutdown()
+        server.server_close()  # type: ignore[attr-defined]
+
+
+class PrometheusSink(MetricSink):
+    name = "prometheus"
+
+    def __init__(self, cfg: MonitoringConfig, identity: RankIdentity, advertise_host: str, report: Report):
+        self.cfg = cfg
+        self.identity = identity
+        self.job_level = identity.rank == 0
+        self.advertise_host = advertise_host
+        self.report = report
+        self.registry = CollectorRegistry()
+        self.push_registry = CollectorRegistry()
+        self.port: Optional[int] = None
+        self.target: Optional[Path] = None
+        self._server: object = None
+        self._run: Optional[RunInfo] = None
+        self._stop = threading.Event()
+        self._pusher: Optional[threading.Thread] = None
+        self._push_failing = False
+        self._build()
+
+    # -- metrics -------------------------------------------------------------------------------
+
+    def _build(self) -> None:
+        r = self.registry
+
+        def gauge(name: str, doc: str, labels: tuple[str, ...] = (), push: bool = False) -> Gauge:
+            g = Gauge(name, doc, labels, registry=r)
+            if push:
+                self.push_registry.register(g)
+            return g
+
+        self.step_g = gauge(n.TRAIN_STEP, "Last completed optimizer step.", push=True)
+        self.step_s = gauge(n.TRAIN_STEP_SECONDS, "Wall time of the last step (equal on all ranks).")
+        self.step_sum = Summary(n.TRAIN_STEP_DURATION, "Step wall times.", registry=r)
+        self.compute_s = gauge(n.TRAIN_COMPUTE_SECONDS, "This rank's compute time in the last step.")
+        self.compute_sum = Summary(n.TRAIN_COMPUTE_DURATION, "This rank's compute times.", registry=r)
+        self.wait_s = gauge(n.TRAIN_DATA_WAIT_SECONDS, "Data-loader wait of this rank in the last step.")
+        self.wait_sum = Summary(n.TRAIN_DATA_WAIT_DURATION, "Data-loader waits of this rank.", registry=r)
+        self.tps = gauge(n.TRAIN_TOKENS_PER_SECOND, "Job throughput in the last step.", push=True)
+        self.tokens = Counter(n.TRAIN_TOKENS, "Tokens trained by the job (the same count on every rank).", registry=r)
+        self.tflops = gauge(n.TRAIN_TFLOPS_PER_GPU, "Model TFLOP/s per GPU in the last step.")
+        self.mfu = gauge(n.TRAIN_MFU, "Model FLOPs utilization (0-1); absent on CPU.")
+        self.loss = gauge(n.TRAIN_LOSS, "Global mean loss of the last step.", push=True)
+        self.grad_norm = gauge(n.TRAIN_GRAD_NORM, "Gradient norm of the last step.")
+        self.lr = gauge(n.TRAIN_LR, "Learning rate of the last step.")
+        self.score = gauge(n.STRAGGLER_SCORE, "This rank's straggler score (1 = as fast as its peers).")
+        self.relative = gauge(n.STRAGGLER_RELATIVE, "Reference compute median / this rank's (capped at 1).")
+        self.individual = gauge(n.STRAGGLER_INDIVIDUAL, "This rank's best compute median / its current one.")
+        self.flagged = gauge(n.STRAGGLER_FLAGGED, "1 while this rank is flagged as a straggler.")
+        self.ckpt = {op: gauge(name, f"Seconds of the last checkpoint {op.value} operation.")
+                     for op, name in ((Operation.BLOCKING, n.CKPT_BLOCKING), (Operation.SAVE, n.CKPT_SAVE),
+                                      (Operation.REPLICATION, n.CKPT_REPLICATION))}
+        self.ckpt_size = gauge(n.CKPT_SIZE, "Bytes of the last checkpoint this rank wrote.")
+        self.ckpt_ops = Counter(n.CKPT_OPERATIONS, "Checkpoint operations by outcome.", ("operation", "outcome"),
+                                registry=r)
+        self.ckpt_last_ok = gauge(n.CKPT_LAST_SUCCESS, "Unix time of the last successful operation.", ("operation",))
+        self.state = gauge(n.JOB_STATE, "This rank's view of the job state (one-hot).", ("state",), push=True)
+        self.started = gauge(n.JOB_START, "Unix time the training loop started.", push=True)
+        self.ended = gauge(n.JOB_END, "Unix time the training loop ended.", push=True)
+        self.degraded_g = gauge(n.DEGRADED, "1 while a part monitoring needs is missing.", ("component",))
+        self.overhead = Counter(n.OVERHEAD, "Seconds the monitoring callback took on this rank.", registry=r)
+        self.info = gauge(n.RANK_INFO, "Where this rank runs.", ("gpu_uuid", "gpu_name", "pp_rank", "tp_rank",
+                                                                   "dp_rank"))
+        if self.job_level:
+            self.world = gauge(n.JOB_WORLD_SIZE, "Ranks in the job.", push=True)
+            self.stragglers_g = gauge(n.STRAGGLERS, "Ranks flagged as stragglers now.", push=True)
+            self.drop = gauge(n.THROUGHPUT_DROP, "1 while the job runs below its throughput baseline.", push=True)
+            self.baseline = gauge(n.THROUGHPUT_BASELINE, "Recent best window median of tokens/s.", push=True)
+        for comp in ("rank_port", "discovery", "pushgateway", "wandb"):
+            self.degraded_g.labels(comp).set(0)
+        for op in Operation:
+            self.ckpt_ops.labels(op.value, "ok")
+            self.ckpt_ops.labels(op.value, "failed")
+
+    # -- events --------------------------------------------------------------------------------
+
+    def start(self, run: RunInfo) -> None:
+        self._run = run
+        ident = self.identity
+        self.info.labels(ident.gpu_uuid, ident.gpu_name, str(ident.pp_rank), str(ident.tp_rank),
+                         str(ident.dp_rank)).set(1)
+        self._set_state("running")
+        self.started.set(time.time())
+        if self.job_level:
+            self.world.set(run.world_size)
+            self.stragglers_g.set(0)
+            self.drop.set(0)
+        port = self.cfg.port_base + 1 + ident.local_rank
+        try:
+            self._server, self.port, problem = serve(self.registry, self.cfg.bind_address, port)
+        except OSError as exc:
+            self._degrade("rank_port", f"cannot serve Prometheus metrics on any port ({exc}); "
+                          "this rank is not scraped" + (" (the Pushgateway still gets the job state)"
+                                                        if self.cfg.pushgateway_url else ""))
+        else:
+            if problem:
+                self._degrade("rank_port", problem)
+            self._register(run)
+        if self.cfg.pushgateway_url and self.job_level:
+            self._push()
+            self._pusher = threading.Thread(target=self._push_loop, name="prometheus-push", daemon=True)
+            self._pusher.start()
+
+    def _register(self, run: RunInfo) -> None:
+        if not run.run_dir:
+            self._degrade("discovery", f"no run directory (HYPERLAUNCH_RUN_DIR is unset): metrics are served on "
+                          f"port {self.port} but no target file tells Prometheus where")
+            return
+        ident = self.identity
+        labels = {"run": run.run, "rank": str(ident.rank), "local_rank": str(ident.local_rank), "host": ident.host,
+                  "gpu": ident.gpu, "slurm_job": run.slurm_job}
+        try:
+            self.target = discovery.register(self.cfg, run.run_dir, run.run, "rank", f"{ident.rank:05d}",
+                                             f"{self.advertise_host}:{self.port}", labels)
+        except OSError as exc:
+            self._degrade("discovery", f"cannot write the Prometheus target file ({exc}); "
+                          f"metrics are served on port {self.port} but Prometheus will not find them")
+
+    def step(self, s: StepSample) -> None:
+        self.step_g.set(s.step)
+        self.step_s.set(s.step_time_s)
+        self.step_sum.observe(s.step_time_s)
+        self.compute_s.set(s.compute_s)
+        self.compute_sum.observe(s.compute_s)
+        self.wait_s.set(s.data_wait_s)
+        self.wait_sum.observe(s.data_wait_s)
+        self.tps.set(s.tokens_per_s)
+        self.tokens.inc(s.tokens)
+        self.tflops.set(s.tflops_per_gpu)
+        if s.mfu_percent is not None:
+            self.mfu.set(s.mfu_percent / 100.0)
+        self.loss.set(s.loss)
+        if s.grad_norm is not None:
+            self.grad_norm.set(s.grad_norm)
+        self.lr.set(s.lr)
+
+    def stragglers(self, report: StragglerReport) -> None:
+        for sc in report.scores:
+            if sc.rank == self.identity.rank:
+                self.score.set(sc.score)
+                self.relative.set(sc.relative)
+                self.individual.set(sc.individual)
+                self.flagged.set(1 if sc.flagged else 0)
+        if self.job_level:
+            self.stragglers_g.set(len(report.flagged))
+
+    def throughput(self, report: ThroughputReport) -> None:
+        if self.job_level:
+            self.drop.set(1 if report.dropped else 0)
+            self.baseline.set(report.baseline)
+
+    def checkpoint(self, event: CheckpointEvent) -> None:
+        op = event.operation.value
+        self.ckpt_ops.labels(op, "ok" if event.ok else "failed").inc()
+        if event.ok:
+            self.ckpt[event.operation].set(event.seconds)
+            self.ckpt_last_ok.labels(op).set(event.timestamp or time.time())
+            if event.size_bytes is not None:
+                self.ckpt_size.set(event.size_bytes)
+
+    def degraded(self, component: str, message: str) -> None:
+        self.degraded_g.labels(component).set(1)
+
+    def add_overhead(self, seconds: float) -> None:
+        self.overhead.inc(seconds)
+
+    def finish(self, outcome: Outcome) -> None:
+        self._set_state(outcome.state)
+        self.ended.set(time.time())
+        self._stop.set()
+        if self.cfg.pushgateway_url and (self.job_level or outcome.state == "failed"):
+            self._push()
+        if outcome.state == "failed" and self.cfg.final_scrape_grace_s > 0 and self._server is not None:
+            time.sleep(self.cfg.final_scrape_grace_s)  # let Prometheus scrape the failed state once
+        if outcome.state != "failed":  # a failed rank keeps its target: `up == 0` shows it until requeued
+            discovery.unregister(self.target)  # before the server stops, so a clean end is never "down"
+            self.target = None
+        if self._server is not None:
+            stop(self._server)
+            self._server = None
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _set_state(self, state: str) -> None:
+        for s in n.JOB_STATES:
+            self.state.labels(s).set(1 if s == state else 0)
+
+    def _degrade(self, component: str, message: str) -> None:
+        self.degraded_g.labels(component).set(1)
+        self.report(component, message)
+
+    def _push_loop(self) -> None:
+        while not self._stop.wait(self.cfg.push_interval_s):
+            self._push()
+
+    def _push(self) -> None:
+        if self._run is None:
+            return
+        try:
+            push_to_gateway(self.cfg.pushgateway_url, job="hyperlaunch", registry=self.push_registry, timeout=5,
+                            grouping_key={"run": self._run.run, "rank": str(self.identity.rank)})
+        except Exception as exc:
+            if not self._push_failing:
+                self._push_failing = True
+                self._degrade("pushgateway", f"cannot push to the Pushgateway {self.cfg.pushgateway_url} "
+                              f"({type(exc).__name__}: {exc}); retrying every {self.cfg.push_interval_s:g} s, "
+                              "the job state is only scraped meanwhile")
+            return
+        if self._push_failing:
+            self._push_failing = False
+            self.degraded_g.labels("pushgateway").set(0)
