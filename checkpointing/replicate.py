@@ -177,7 +177,8 @@ class Replicator:
         except ManifestError as exc:
             raise ReplicationError(f"{path}: {exc}") from None
         self._abandon_other_steps(step)
-        self._publish(state="uploading", step=step, bytes_done=0, bytes_total=manifest.total_bytes)
+        self._publish(state="uploading", step=step, bytes_done=0, bytes_total=manifest.total_bytes,
+                      attempt_started_unix=time.time())
         t0 = time.perf_counter()
         self.say(f"replicate: {step_name(step)} -> {self.loc.url(self.loc.step_key(step))} "
                  f"({len(manifest.files)} files, {manifest.total_bytes / 2**20:.1f} MiB)")
@@ -206,7 +207,8 @@ class Replicator:
         elapsed = time.perf_counter() - t0
         self.status.uploaded_bytes_total += manifest.total_bytes
         self._publish(state="idle", step=None, bytes_done=manifest.total_bytes, last_replicated_step=index.latest,
-                      replicated_steps=sorted(index.steps), last_error=None)
+                      replicated_steps=sorted(index.steps), last_error=None, last_duration_s=round(elapsed, 3),
+                      last_replicated_bytes=manifest.total_bytes)
         self.say(f"replicate: {step_name(step)} replicated and verified: {manifest.total_bytes / 2**20:.1f} MiB in "
                  f"{elapsed:.1f} s ({manifest.total_bytes / 2**20 / max(elapsed, 1e-9):.0f} MiB/s)")
         self._retention(index)
@@ -590,7 +592,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     _s3_args(listing)
     args = parser.parse_args(argv)
     cfg = _config(args)
+    try:
+        return _run(args, cfg)
+    except (ReplicationError, ManifestError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # botocore: credentials, endpoint, bucket — one line, no traceback
+        if type(exc).__module__.split(".")[0] not in ("botocore", "boto3", "s3transfer"):
+            raise
+        print(f"error: S3 ({S3Location.of(cfg).url()}): {describe(exc)}", file=sys.stderr)
+        return 1
 
+
+def _run(args: argparse.Namespace, cfg: S3Config) -> int:
     def say(line: str) -> None:
         print(line, flush=True)
 

@@ -74,7 +74,7 @@ def choose_step(store: CheckpointStore, cfg: CheckpointConfig, state: TrainState
             return valid
         if rank == 0:
             more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
-            say(f"checkpoint: skipping {valid.path}: {'; '.join(problems[:3])}{more}")
+            say(f"checkpoint: skipping {valid.path}: {'; '.join(str(p) for p in problems[:3])}{more}")
         below = valid.step
 
 

@@ -45,6 +45,9 @@ class ReplicationStatus:
     failures_total: int = 0
     last_error: Optional[str] = None
     uploaded_bytes_total: int = 0
+    attempt_started_unix: float = 0.0  # when the upload of ``step`` (this attempt) began
+    last_duration_s: float = 0.0  # upload + verification + index of ``last_replicated_step``
+    last_replicated_bytes: int = 0
     updated_unix: float = 0.0
 
 
@@ -83,3 +86,51 @@ def read_status(checkpoint_dir: str) -> dict[str, Any]:
     save = read_save_status(checkpoint_dir)
     replication = read_replication_status(checkpoint_dir)
     return {"save": asdict(save) if save else None, "replication": asdict(replication) if replication else None}
+
+
+@dataclass(frozen=True)
+class ReplicationEvent:
+    step: int
+    seconds: float
+    ok: bool
+    size_bytes: Optional[int] = None
+    error: Optional[str] = None
+
+
+class ReplicationWatch:
+    """Turns successive replicator status files into events: one per replicated step, one per failure.
+
+    The replicator is another process; its status file is the interface (counters only grow).
+    """
+
+    def __init__(self, checkpoint_dir: str):
+        self.checkpoint_dir = checkpoint_dir
+        first = read_replication_status(checkpoint_dir)
+        self._replicated = first.last_replicated_step if first else None
+        self._failures = first.failures_total if first else 0
+        self._mtime = 0.0
+
+    def poll(self) -> list[ReplicationEvent]:
+        path = replication_status_path(self.checkpoint_dir)
+        try:
+            mtime = path.stat().st_mtime
+        except OSError:
+            return []
+        if mtime == self._mtime:
+            return []
+        self._mtime = mtime
+        status = read_replication_status(self.checkpoint_dir)
+        if status is None:
+            return []
+        events: list[ReplicationEvent] = []
+        if status.failures_total > self._failures:
+            seconds = max(0.0, status.updated_unix - status.attempt_started_unix) if status.attempt_started_unix else 0.0
+            events.append(ReplicationEvent(step=status.step or status.last_replicated_step or 0, seconds=seconds,
+                                           ok=False, error=status.last_error))
+            self._failures = status.failures_total
+        last = status.last_replicated_step
+        if last is not None and last != self._replicated:
+            events.append(ReplicationEvent(step=last, seconds=status.last_duration_s, ok=True,
+                                           size_bytes=status.last_replicated_bytes or None))
+            self._replicated = last
+        return events

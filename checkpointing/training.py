@@ -27,10 +27,12 @@ from checkpointing.replicator_process import ReplicatorProcess
 from checkpointing.resume import choose_step, load
 from checkpointing.signature import layout_signature, model_signature, training_signature
 from checkpointing.state import sharded_state_dict
-from checkpointing.status import SAVE_STATUS_NAME, SaveStatus, read_replication_status, write_json_atomic
+from checkpointing.status import (SAVE_STATUS_NAME, ReplicationWatch, SaveStatus, read_replication_status,
+                                  write_json_atomic)
 from checkpointing.store import CheckpointStore, step_name
 from checkpointing.writer import CheckpointWriter, SaveOutcome, live_storages
 from launcher.schema import RootConfig
+from monitoring import record_checkpoint
 from trainer import control
 from trainer.callbacks import StepReport, TrainingCallback, TrainState
 from trainer.distributed import Layout
@@ -60,6 +62,7 @@ class CheckpointCallback:
         self.group = dist.new_group(backend="gloo", timeout=GROUP_TIMEOUT)
         self.save_status = SaveStatus()
         self.replicator: Optional[ReplicatorProcess] = None
+        self.replication_watch: Optional[ReplicationWatch] = None
         self.writer: Optional[CheckpointWriter] = None
         self._saved_step: Optional[int] = None  # committed or in flight
         self._previous_handlers: dict[int, Any] = {}
@@ -79,6 +82,7 @@ class CheckpointCallback:
                 self.save_status.last_committed_step = valid.step
         if self.layout.rank == 0 and self.cfg.replicated:
             self.replicator = ReplicatorProcess(self.store.root, self.cfg, self._say)
+            self.replication_watch = ReplicationWatch(self.store.root)
         dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
         self.writer = CheckpointWriter(self.store, self.group, write_threads=self.cfg.write_threads,
                                        parallel_group=dp_group,
@@ -89,6 +93,7 @@ class CheckpointCallback:
         outcome = self.writer.poll()
         if outcome is not None:
             self._record(outcome)
+        self._report_replication()
         interval = self.cfg.save_interval
         if interval and state.step % interval == 0 and state.step < state.total_steps:
             self._save(state, blocking=not self.cfg.async_save)
@@ -116,6 +121,7 @@ class CheckpointCallback:
                               "(or `python -m checkpointing.replicate once`) continues it from the journal")
             else:
                 self.replicator.stop()
+            self._report_replication()
         if final is not None and not final.committed:
             raise CheckpointError(f"the final checkpoint ({step_name(state.step)}) was not committed: {final.error}")
 
@@ -148,7 +154,7 @@ class CheckpointCallback:
             return None
         outcome = self.writer.wait()
         assert outcome is not None
-        self._record(outcome)
+        self._record(outcome, synchronous=True)
         return outcome
 
     def _wait_in_flight(self, step: int) -> Optional[SaveOutcome]:
@@ -164,7 +170,21 @@ class CheckpointCallback:
                       f"{step}'s (a save takes longer than checkpoint.save_interval steps)")
         return outcome
 
-    def _record(self, outcome: SaveOutcome) -> None:
+    def _report_replication(self) -> None:
+        """Rank 0: the replicator's progress (another process) as monitoring events."""
+        if self.replication_watch is None:
+            return
+        for event in self.replication_watch.poll():
+            record_checkpoint("replication", event.step, event.seconds, ok=event.ok, size_bytes=event.size_bytes,
+                              error=event.error)
+
+    def _record(self, outcome: SaveOutcome, *, synchronous: bool = False) -> None:
+        # every rank: its own stall and the save's outcome (a per-rank exporter shows both);
+        # a synchronous save (the final one, or async_save=false) stalls training for all of it
+        stalled = outcome.blocking_s + (outcome.background_s if synchronous else 0.0)
+        record_checkpoint("blocking", outcome.step, stalled)
+        record_checkpoint("save", outcome.step, outcome.blocking_s + outcome.background_s, ok=outcome.committed,
+                          size_bytes=outcome.total_bytes if outcome.committed else None, error=outcome.error)
         status = self.save_status
         status.saves_total += 1
         status.last_blocking_s = round(outcome.blocking_s, 4)

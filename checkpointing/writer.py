@@ -182,6 +182,8 @@ class CheckpointWriter:
                                 validate_access_integrity=self._first)
         self._first = False
         writer, metadata = self._base.captured or (None, None)
+        if writer is None:
+            raise RuntimeError("megatron's torch_dist strategy did not hand back its storage writer")
         buckets = list(writer.write_buckets or [])
         copied = 0
         if stage:
@@ -234,6 +236,7 @@ class CheckpointWriter:
     def _write(self, step: int, writer: Any, buckets: list[Any]) -> tuple[list[Any], dict[str, FileEntry]]:
         transforms = getattr(writer, "transforms", None)
         args = [transforms] if transforms is not None else []
+        write_item: Any = _write_item  # its signature changed across torch versions (transforms, format)
 
         def write_file(bucket: Any) -> tuple[list[Any], str, FileEntry]:
             path, name, (bytes_data, tensor_data) = bucket
@@ -241,9 +244,9 @@ class CheckpointWriter:
             with open(path, "wb") as raw:
                 stream = HashingWriter(raw)
                 for item, data in bytes_data:
-                    results.append(_write_item(*args, stream, data, item, name, **_WRITE_KWARGS))
+                    results.append(write_item(*args, stream, data, item, name, **_WRITE_KWARGS))
                 for index, (item, tensor) in enumerate(tensor_data):
-                    results.append(_write_item(*args, stream, tensor, item, name, **_WRITE_KWARGS))
+                    results.append(write_item(*args, stream, tensor, item, name, **_WRITE_KWARGS))
                     if index == 0:
                         hooks.pause("write_data", step)  # tests: killed with this file half-written
                 raw.flush()

@@ -186,7 +186,7 @@ class NvmlSource:
         return {"DCGM_FI_DEV_MEMORY_TEMP": float(getattr(fv.value, member))}
 
     def _nvlink_errors(self, h: Any) -> dict[str, float]:
-        nv, totals = self.nv, {}
+        nv, totals = self.nv, {}  # type: Any, dict[str, float]
         kinds = (("DCGM_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL", nv.NVML_NVLINK_ERROR_DL_CRC_FLIT),
                  ("DCGM_FI_DEV_NVLINK_CRC_DATA_ERROR_COUNT_TOTAL", nv.NVML_NVLINK_ERROR_DL_CRC_DATA),
                  ("DCGM_FI_DEV_NVLINK_REPLAY_ERROR_COUNT_TOTAL", nv.NVML_NVLINK_ERROR_DL_REPLAY),

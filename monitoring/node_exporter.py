@@ -29,6 +29,7 @@ from typing import Optional
 
 from prometheus_client import CollectorRegistry, Gauge
 
+from cluster.local import process_alive
 from monitoring import discovery
 from monitoring import names as n
 from monitoring.efa import EfaCollector, EfaSysfs
@@ -46,19 +47,6 @@ def probe(port: int, prefix: str, timeout_s: float = 1.0) -> bool:
             return prefix.encode() in resp.read(4 << 20)
     except (OSError, ValueError):
         return False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -143,7 +131,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
     while not done.wait(1.0):
-        if args.parent_pid is not None and not _alive(args.parent_pid):
+        if args.parent_pid is not None and not process_alive(args.parent_pid):
             break
     for path in targets:
         discovery.unregister(path)

@@ -243,10 +243,11 @@ class PrometheusSink(MetricSink):
             self._push()
 
     def _push(self) -> None:
-        if self._run is None:
+        url = self.cfg.pushgateway_url
+        if self._run is None or url is None:
             return
         try:
-            push_to_gateway(self.cfg.pushgateway_url, job="hyperlaunch", registry=self.push_registry, timeout=5,
+            push_to_gateway(url, job="hyperlaunch", registry=self.push_registry, timeout=5,
                             grouping_key={"run": self._run.run, "rank": str(self.identity.rank)})
         except Exception as exc:
             if not self._push_failing:

@@ -74,6 +74,6 @@ class StragglerSink(MetricSink):
             return
         for alert in straggler_alerts(self.run, report):
             self.emit_alert(alert)
-        alert = throughput_alert(self.run, throughput, report.flagged)
-        if alert is not None:
-            self.emit_alert(alert)
+        drop = throughput_alert(self.run, throughput, report.flagged)
+        if drop is not None:
+            self.emit_alert(drop)

@@ -24,7 +24,6 @@ from monitoring.node_exporter import STARTED_ENV
 from monitoring.prometheus_sink import PrometheusSink
 from monitoring.sinks import ConsoleSink, FanOut, MetricSink
 from monitoring.straggler_sink import Gather, StragglerSink
-from monitoring.testing_hooks import FakeCheckpoints
 from monitoring.wandb_sink import WandbSink, failure_alert
 
 if TYPE_CHECKING:  # the loop's types; importing them at run time would pull in megatron
@@ -107,9 +106,10 @@ class MonitoringCallback:
             gather = gather or (torch_gather(layout) if layout.world_size > 1 else None)
             self.straggler = StragglerSink(self.m.straggler, layout.rank, layout.pp_rank, layout.world_size, gather,
                                            self.sinks, self.alert)
-        self.fake_checkpoints = FakeCheckpoints.from_env()
         self._node_exporter: Optional[subprocess.Popen[bytes]] = None
         self._started = time.time()
+        self._overhead_s = 0.0  # time on_step_end took on this rank (the in-loop part of monitoring)
+        self._step_s = 0.0
 
     # -- events from the loop ------------------------------------------------------------------
 
@@ -154,10 +154,11 @@ class MonitoringCallback:
         self.sinks.step(sample)
         if self.straggler is not None:
             self.straggler.step(sample)
-        if self.fake_checkpoints is not None:
-            self.fake_checkpoints.on_step(report.step)
+        spent = time.perf_counter() - started
+        self._overhead_s += spent
+        self._step_s += report.step_time_s
         if self.prometheus is not None:
-            self.prometheus.add_overhead(time.perf_counter() - started)
+            self.prometheus.add_overhead(spent)
 
     def on_train_end(self, state: TrainState, *, finished: bool, error: Optional[BaseException] = None) -> None:
         global _ACTIVE
@@ -176,6 +177,9 @@ class MonitoringCallback:
                                      "a requeued job resumes from the latest checkpoint", Level.INFO, terminal=True))
         self.sinks.finish(outcome)
         self._stop_node_exporter()
+        if self.layout.rank == 0 and self._step_s > 0:
+            print(f"monitoring: in-loop overhead {self._overhead_s * 1e3:.1f} ms = "
+                  f"{100 * self._overhead_s / self._step_s:.3f}% of {self._step_s:.1f} s of steps on rank 0", flush=True)
         _ACTIVE = None
 
     def _failed(self, state: TrainState, error: BaseException, run: str) -> Outcome:

@@ -176,7 +176,8 @@ class WandbSink(MetricSink):
         os.makedirs(wandb_dir, exist_ok=True)
         self._run = wandb.init(
             project=self.cfg.wandb_project or info.run_name, entity=self.cfg.wandb_entity, name=info.run_name,
-            id=_ID.sub("-", info.run)[:64], resume="allow", dir=wandb_dir, mode=self.cfg.wandb_mode,
+            id=_ID.sub("-", info.run)[:64], resume="allow", dir=wandb_dir,
+            mode="offline" if self.cfg.wandb_mode == "offline" else "online",
             config=self.run_config, job_type="train",
             settings=wandb.Settings(console="off", x_disable_stats=True, silent=True, init_timeout=90))
 
@@ -187,8 +188,8 @@ class WandbSink(MetricSink):
             if self._failed_sent:
                 return
             self._failed_sent = True
-        level = {Level.INFO: wandb.AlertLevel.INFO, Level.WARN: wandb.AlertLevel.WARN,
-                 Level.ERROR: wandb.AlertLevel.ERROR}[alert.level]
+        levels = wandb.AlertLevel  # type: ignore[attr-defined]  # exported lazily by wandb
+        level = {Level.INFO: levels.INFO, Level.WARN: levels.WARN, Level.ERROR: levels.ERROR}[alert.level]
         self._run.alert(title=alert.title, text=clip(redact(alert.text, self.secret_names)), level=level,
                         wait_duration=max(1, int(self.cfg.alerts.min_interval_s)))
 

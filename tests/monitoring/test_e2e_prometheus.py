@@ -3,7 +3,9 @@
 One monitored run, shared by the tests below: rank 1 becomes 8x slower in its compute section
 for 60 steps (test-only fault injection in trainer.timing), fake NVML serves two H100s with an
 XID 79 and a double-bit ECC error, a fake EFA sysfs tree shows traffic with a retransmit burst
-and impaired/unresponsive remotes, fake checkpoints start failing replication, W&B runs offline.
+and impaired/unresponsive remotes, W&B runs offline. Checkpointing is real: async saves every 10
+steps, replicated to a real S3 server on loopback (moto) that is killed once the first step is
+in S3, so replication starts failing the way it does when S3 becomes unreachable.
 Then every dashboard panel and variable query and every alerting rule runs against Prometheus
 over the run's time window, as Grafana and Prometheus would.
 """
@@ -13,13 +15,17 @@ from __future__ import annotations
 import json
 import re
 import socket
+import threading
 import time
+from pathlib import Path
+from typing import Iterator
 
 import pytest
 import yaml
 
 from monitoring import dashboards
 from monitoring.launch import RULES_DIR
+from tests.checkpointing.s3_services import CREDENTIALS, MotoServer
 from tests.monitoring.conftest import Launched, Stack, launch
 from tests.monitoring.fakes import HardwareTimeline, write_efa_tree, write_nvml_spec
 
@@ -36,16 +42,45 @@ FIRING = {  # alerts whose condition this run creates
 _METRIC = re.compile(r"\b((?:hyperlaunch|DCGM|node_amazonefa)_[A-Za-z0-9_]+|up)\b(?!\s*\()")
 
 
+class S3Outage(threading.Thread):
+    """Kills the S3 server once the replicator reports its first replicated step."""
+
+    def __init__(self, server: MotoServer, checkpoint_dir: Path):
+        super().__init__(daemon=True)
+        self.server, self.status = server, checkpoint_dir / "replication" / "status.json"
+        self.stop = threading.Event()
+        self.killed_after_step: int | None = None
+
+    def run(self) -> None:
+        while not self.stop.wait(0.2):
+            try:
+                step = json.loads(self.status.read_text()).get("last_replicated_step")
+            except (OSError, ValueError):
+                continue
+            if step is not None:
+                self.server.kill()
+                self.killed_after_step = step
+                return
+
+
 @pytest.fixture(scope="module")
-def healthy_run(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Launched:
+def healthy_run(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launched]:
     hw = tmp_path_factory.mktemp("hw")
     efa = write_efa_tree(hw / "infiniband", value=1000)
     spec = write_nvml_spec(hw / "nvml.json", xid={"1": 79})
     timeline = HardwareTimeline(efa, stack.targets, spec)
+    s3 = MotoServer(hw / "moto", env=CREDENTIALS).start()
+    s3.client().create_bucket(Bucket="monitoring-ckpt")
+    checkpoints = hw / "checkpoints"
+    outage = S3Outage(s3, checkpoints)
     timeline.start()
+    outage.start()
     try:
         run = launch(stack, [
             f"training.train_steps={RUN_STEPS}", "cluster.gpu_type=h100-80gb", "cluster.efa_devices=2",
+            "checkpoint.enabled=true", f"checkpoint.dir={checkpoints}", "checkpoint.save_interval=10",
+            "checkpoint.s3.bucket=monitoring-ckpt", f"checkpoint.s3.endpoint_url={s3.endpoint}",
+            "checkpoint.s3.max_attempts=1", "checkpoint.s3.final_upload_timeout_s=3",
             f"monitoring.efa_sysfs_dir={efa}", "monitoring.wandb=true", "monitoring.wandb_mode=offline",
             f"monitoring.pushgateway_url={stack.pushgateway.url}", "monitoring.push_interval_s=1",
             "monitoring.straggler.enabled=true", "monitoring.straggler.interval_steps=5",
@@ -57,13 +92,16 @@ def healthy_run(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Launc
         ], env={
             "HYPERLAUNCH_FAKE_NVML": str(spec),
             "HYPERLAUNCH_TEST_FAULT": "slow:rank=1,factor=8,from=45,to=105",
-            "HYPERLAUNCH_TEST_FAKE_CHECKPOINTS": "every=10,fail_replication_from=60",
+            **CREDENTIALS,
             "WANDB_API_KEY": "0123456789abcdef0123456789abcdef01234567",  # must never show up in an alert
         }, timeout_s=200)
     finally:
         timeline.stop.set()
+        outage.stop.set()
+        s3.kill()
     assert run.proc.returncode == 0, run.output[-5000:]
-    return run
+    assert outage.killed_after_step is not None, "the replicator never reported a replicated step"
+    yield run
 
 
 def _substitute(expr: str, run: str) -> str:
@@ -198,3 +236,26 @@ def test_wandb_offline_run_has_alerts_and_metrics(healthy_run: Launched) -> None
     assert any("straggler/min_score" in h for h in history) and any("train/mfu" in h for h in history)
     exit_record = [r for r in records if r["type"] == "exit"]
     assert exit_record and exit_record[-1]["exit"].get("exit_code", 0) == 0
+
+
+def test_checkpoint_series_come_from_the_real_saves(stack: Stack, healthy_run: Launched) -> None:
+    window = (healthy_run.start, healthy_run.end + 5)
+    run = healthy_run.run_dir.name
+    saves = stack.prometheus.query_range(
+        f'hyperlaunch_checkpoint_operations_total{{run="{run}", operation="save", outcome="ok"}}', *window)
+    assert {s["metric"]["rank"] for s in saves} == {"0", "1"}, saves  # every rank reports its share
+    assert max(float(v) for s in saves for _, v in s["values"]) >= 5  # saves every 10 of 170 steps
+    sizes = {float(v) for s in stack.prometheus.query_range(f'hyperlaunch_checkpoint_size_bytes{{run="{run}"}}',
+                                                            *window) for _, v in s["values"]}
+    manifests = [json.loads(p.read_text()) for p in _checkpoint_dir(healthy_run).glob("step_*/manifest.json")]
+    assert manifests and sizes and sizes <= {float(sum(f["size"] for f in m["files"].values())) for m in manifests}
+    blocking = stack.prometheus.query_range(f'hyperlaunch_checkpoint_blocking_seconds{{run="{run}"}}', *window)
+    assert blocking and all(0 < float(v) < 30 for s in blocking for _, v in s["values"])
+    replicated = stack.prometheus.query_range(
+        f'hyperlaunch_checkpoint_operations_total{{run="{run}", operation="replication", outcome="ok"}}', *window)
+    assert replicated and {s["metric"]["rank"] for s in replicated} == {"0"}  # the replicator belongs to rank 0
+
+
+def _checkpoint_dir(run: Launched) -> Path:
+    config = yaml.safe_load((run.run_dir / "config.yaml").read_text())
+    return Path(config["checkpoint"]["dir"])
