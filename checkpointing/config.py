@@ -14,6 +14,7 @@ AddProblem = Callable[[str, object, str], None]
 
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _REGION = re.compile(r"^[a-z]{2}(-[a-z0-9]+)+-\d+$")
+OPTIMIZER_FORMATS = ("auto", "dp_reshardable", "fully_reshardable")
 MIN_PART_MB = 5  # S3's smallest multipart part (except the last)
 MAX_PART_MB = 5 * 1024
 
@@ -43,6 +44,11 @@ class CheckpointConfig:
     resume: bool = True  # continue from the newest committed step (the shared filesystem, else S3)
     verify_on_resume: bool = True  # check every file's checksum (spread over the ranks) before loading
     write_threads: int = 2  # files (and writer threads) per rank and save
+    # distributed-optimizer state format: dp_reshardable is cheap to save (each rank writes its own
+    # shard) but loads only at the same TP/PP/VPP; fully_reshardable loads at any layout but gathers
+    # the whole optimizer state on every save. auto: periodic saves dp_reshardable, the final and
+    # stop saves (synchronous anyway, and the ones a layout change resumes from) fully_reshardable
+    optimizer_format: str = "auto"
     s3: S3Config = field(default_factory=S3Config)
 
     @property
@@ -62,6 +68,8 @@ def check(cfg: CheckpointConfig, add: AddProblem) -> None:
         add("checkpoint.save_interval", cfg.save_interval, "must be >= 0 (0 = final save only)")
     if cfg.keep_last <= 0:
         add("checkpoint.keep_last", cfg.keep_last, "must be >= 1")
+    if cfg.optimizer_format not in OPTIMIZER_FORMATS:
+        add("checkpoint.optimizer_format", cfg.optimizer_format, f"must be one of {', '.join(OPTIMIZER_FORMATS)}")
     if not 1 <= cfg.write_threads <= 64:
         add("checkpoint.write_threads", cfg.write_threads, "must be between 1 and 64")
     if cfg.dir is not None:

@@ -41,6 +41,7 @@ class Manifest:
     training: dict[str, Any] = field(default_factory=dict)  # settings resume relies on
     created_unix: float = 0.0
     format: str = FORMAT
+    optimizer_format: str = "fully_reshardable"  # megatron's distributed-optimizer sharding type
 
     @property
     def total_bytes(self) -> int:
@@ -61,7 +62,8 @@ class Manifest:
                      for name, e in raw["files"].items()}
             return cls(step=int(raw["step"]), files=files, consumed_samples=int(raw["consumed_samples"]),
                        model=dict(raw["model"]), layout=dict(raw["layout"]), training=dict(raw.get("training", {})),
-                       created_unix=float(raw.get("created_unix", 0.0)), format=raw["format"])
+                       created_unix=float(raw.get("created_unix", 0.0)), format=raw["format"],
+                       optimizer_format=str(raw.get("optimizer_format", "fully_reshardable")))
         except ManifestError:
             raise
         except (ValueError, KeyError, TypeError, AttributeError) as exc:

@@ -138,9 +138,30 @@ def check_compatible(found: Optional[tuple[str, Manifest]], cfg: RootConfig,
         name = "model.vocab_size" if key == "padded_vocab_size" else f"model.{key}"
         add(name, current, f"the checkpoint to resume, {where_step}, has {key}={saved}: resume with the same "
             f"architecture, or point checkpoint.dir at a new directory (or set checkpoint.resume=false) to start over")
+    _check_optimizer_layout(manifest, cfg, where_step, add)
     saved_gbs = manifest.training.get("global_batch_size")
     if saved_gbs is not None and saved_gbs != cfg.training.global_batch_size:
         add("training.global_batch_size", cfg.training.global_batch_size,
             f"the checkpoint to resume, {where_step}, trained with {saved_gbs}: the data position is "
             "step x global batch size, so keep it (or start a new checkpoint.dir)")
 
+
+
+def _check_optimizer_layout(manifest: Manifest, cfg: RootConfig, where_step: str,
+                            add: Callable[[str, object, str], None]) -> None:
+    """A ``dp_reshardable`` distributed-optimizer state loads only at the TP/PP/VPP that saved it."""
+    saved = manifest.layout
+    if manifest.optimizer_format != "dp_reshardable" or not saved.get("distributed_optimizer"):
+        return
+    p = cfg.parallelism
+    current = {"tp": p.tp, "pp": p.pp, "vpp": p.vpp if p.vpp and p.vpp > 1 else 1,
+               "distributed_optimizer": p.distributed_optimizer}
+    for key, value in current.items():
+        if saved.get(key) != value:
+            layout = " ".join(f"parallelism.{k}={saved.get(k)}" for k in current)
+            add(f"parallelism.{key}", value,
+                f"the checkpoint to resume, {where_step}, is a periodic save whose optimizer state "
+                f"(checkpoint.optimizer_format=dp_reshardable) loads only at {layout}: resume at that layout "
+                "and stop the job (scancel or `python -m launcher cancel`: the stop save loads at any layout), "
+                "or set checkpoint.optimizer_format=fully_reshardable for future runs")
+            return

@@ -102,7 +102,8 @@ def load(state: TrainState, valid: ValidStep, say: Callable[[str], None]) -> Non
     current = layout_signature(state.cfg, state.layout.world_size, state.layout.dp_size)
     same_layout = valid.manifest.layout == current
     init_optimizer_state(state.optimizer)
-    sd = sharded_state_dict(state, loading=True, with_rng=same_layout)
+    sd = sharded_state_dict(state, loading=True, with_rng=same_layout,
+                            optimizer_format=valid.manifest.optimizer_format)
     loaded = dist_checkpointing.load(sd, valid.path, strict=StrictHandling.ASSUME_OK_UNEXPECTED)
     restore(state, loaded, same_layout=same_layout)
     if torch.cuda.is_available():

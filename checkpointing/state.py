@@ -2,8 +2,10 @@
 
 * model chunks (``model0``, ``model1``, ... one per virtual stage): ShardedTensors whose keys are
   global, so any TP/PP/VPP/DP layout can load them;
-* the optimizer in megatron's ``fully_reshardable`` format (per-parameter Adam moments in model
-  space; the only distributed-optimizer format that survives a TP/PP change);
+* the optimizer in megatron's ``dp_reshardable`` format (each rank's flat shard: cheap to save,
+  loads at any DP size but only at the same TP/PP/VPP) or ``fully_reshardable`` (per-parameter
+  Adam moments in model space, gathered over DP on every save: loads at any layout); see
+  ``CheckpointConfig.optimizer_format``;
 * the LR schedule, the step and consumed samples (the data position: samples are addressed by
   step, see trainer.data), the layout and model signature;
 * every rank's RNG states (a ShardedObject per rank), restored only on the same layout.
@@ -12,7 +14,7 @@
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -22,7 +24,8 @@ from trainer.callbacks import TrainState
 from trainer.distributed import Layout
 from trainer.model import gpt_module
 
-SHARDING_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+DP_RESHARDABLE = "dp_reshardable"
+FULLY_RESHARDABLE = "fully_reshardable"
 
 
 # --------------------------------------------------------------------------- building
@@ -39,14 +42,16 @@ def _sharded_rng(layout: Layout) -> Any:
     return ShardedObject("rng_state", states, (layout.world_size,), (layout.rank,), replica_id=0)
 
 
-def sharded_state_dict(state: TrainState, *, loading: bool = False, with_rng: bool = True) -> dict[str, Any]:
+def sharded_state_dict(state: TrainState, *, optimizer_format: str, loading: bool = False,
+                       with_rng: bool = True) -> dict[str, Any]:
     """This rank's part of the training state, ready for ``dist_checkpointing.save/load``."""
+    metadata = {"distrib_optim_sharding_type": optimizer_format}
     chunks = [gpt_module(chunk) for chunk in state.model]
     sd: dict[str, Any] = {}
     for index, chunk in enumerate(chunks):
-        sd[f"model{index}"] = chunk.sharded_state_dict(metadata=SHARDING_METADATA)
+        sd[f"model{index}"] = chunk.sharded_state_dict(metadata=metadata)
     # megatron's optimizers build their part from the model's sharded dict (id -> ShardedTensor)
-    sd["optimizer"] = state.optimizer.sharded_state_dict(sd, is_loading=loading, metadata=SHARDING_METADATA)
+    sd["optimizer"] = state.optimizer.sharded_state_dict(sd, is_loading=loading, metadata=metadata)
     if not loading:
         sd["lr_schedule"] = state.lr_schedule.state_dict()
         sd["step"] = state.step
@@ -99,7 +104,11 @@ def load_optimizer(optimizer: Any, loaded: Any) -> None:
       each parameter gets its own copy;
     * its ``fully_reshardable`` loader copies every state key, ``step`` included, from the file,
       which never stores ``step`` (it lives in the param groups) — the loader runs with the
-      steps set aside.
+      steps set aside;
+    * its ``dp_reshardable`` loader copies into the main params outside ``torch.no_grad`` (with
+      fp32 params the main params are views of leaves that require grad) — run under no_grad —
+      and overwrites the step restored from the param groups with the load target's (0): the
+      param groups' step is put back.
     """
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
@@ -111,8 +120,10 @@ def load_optimizer(optimizer: Any, loaded: Any) -> None:
         param_state = part.pop("param_state", None) if reshardable else None
         if reshardable:
             part.pop("param_state_sharding_type")
-        member.load_state_dict(part)  # param groups (and, without param_state, nothing else)
-        _clone_shared_steps(member)
+        saved_step = _param_group_step(part)
+        with torch.no_grad():  # megatron's dp_reshardable loader copies into main params without it
+            member.load_state_dict(part)  # param groups (+ a dp_reshardable param_state)
+        _clone_shared_steps(member, saved_step)
         if param_state is not None:
             inner = member.optimizer
             steps = {p: st.pop("step") for p, st in inner.state.items() if "step" in st}
@@ -125,12 +136,25 @@ def load_optimizer(optimizer: Any, loaded: Any) -> None:
         optimizer._synchronize_steps()
 
 
-def _clone_shared_steps(optimizer: Any) -> None:
+def _param_group_step(part: Any) -> Optional[float]:
+    """The optimizer step megatron keeps in the saved param groups (plain torch Adam), if any."""
+    try:
+        steps = {g["step"] for g in part["optimizer"]["param_groups"] if "step" in g}
+    except (KeyError, TypeError):
+        return None
+    return float(steps.pop()) if len(steps) == 1 else None
+
+
+def _clone_shared_steps(optimizer: Any, step_value: Optional[float] = None) -> None:
+    """Every parameter gets its own ``step`` tensor (set to ``step_value`` when given)."""
     for inner in _torch_optimizers(optimizer):
         for per_param in inner.state.values():
             step = per_param.get("step")
             if isinstance(step, torch.Tensor):
-                per_param["step"] = step.detach().clone()
+                fresh = step.detach().clone()
+                if step_value is not None:
+                    fresh.fill_(step_value)
+                per_param["step"] = fresh
 
 
 def _restore_rng(states: dict[str, Any]) -> None:

@@ -26,7 +26,7 @@ from checkpointing.preflight import checkpoint_root
 from checkpointing.replicator_process import ReplicatorProcess
 from checkpointing.resume import choose_step, load
 from checkpointing.signature import layout_signature, model_signature, training_signature
-from checkpointing.state import sharded_state_dict
+from checkpointing.state import DP_RESHARDABLE, FULLY_RESHARDABLE, sharded_state_dict
 from checkpointing.status import (SAVE_STATUS_NAME, ReplicationWatch, SaveStatus, read_replication_status,
                                   write_json_atomic)
 from checkpointing.store import CheckpointStore, step_name
@@ -65,6 +65,7 @@ class CheckpointCallback:
         self.replication_watch: Optional[ReplicationWatch] = None
         self.writer: Optional[CheckpointWriter] = None
         self._saved_step: Optional[int] = None  # committed or in flight
+        self._saved_format: Optional[str] = None  # its optimizer format
         self._previous_handlers: dict[int, Any] = {}
 
     # ------------------------------------------------------------------ callback protocol
@@ -77,7 +78,7 @@ class CheckpointCallback:
             valid = choose_step(self.store, self.cfg, state, self.group, self._say)
             if valid is not None:
                 load(state, valid, self._say)
-                self._saved_step = valid.step
+                self._saved_step, self._saved_format = valid.step, valid.manifest.optimizer_format
                 self.save_status.resumed_from_step = valid.step
                 self.save_status.last_committed_step = valid.step
         if self.layout.rank == 0 and self.cfg.replicated:
@@ -109,8 +110,9 @@ class CheckpointCallback:
         if outcome is not None:
             self._record(outcome)
         final: Optional[SaveOutcome] = None
-        if self._saved_step != state.step:
-            final = self._save(state, blocking=True)
+        reshardable = self._saved_format == self._optimizer_format(final=True)
+        if self._saved_step != state.step or not reshardable:  # the last step, in the format any layout loads
+            final = self._save(state, blocking=True, final=True)
         self.writer.close()
         if self.replicator is not None:
             if finished:
@@ -132,24 +134,36 @@ class CheckpointCallback:
         return {"save": asdict(self.save_status), "replication": asdict(replication) if replication else None}
 
     # ------------------------------------------------------------------ saving
-    def _save(self, state: TrainState, *, blocking: bool) -> Optional[SaveOutcome]:
+    def _optimizer_format(self, *, final: bool) -> str:
+        fmt = self.cfg.optimizer_format
+        if fmt != "auto":
+            return fmt
+        return FULLY_RESHARDABLE if final else DP_RESHARDABLE
+
+    def _save(self, state: TrainState, *, blocking: bool, final: bool = False) -> Optional[SaveOutcome]:
+        """``final``: the end-of-training or stop save (what a resume on another layout starts from)."""
         assert self.writer is not None
         previous = self._wait_in_flight(state.step)
         if previous is not None:
             self._record(previous)
+        blocked_since = time.perf_counter()  # training is stopped from here on, until start() returns
         par = self.root_cfg.parallelism
-        if par.distributed_optimizer and par.overlap_param_gather:
+        sharded_params = parallel_state.get_data_parallel_world_size(with_context_parallel=True) > 1
+        if par.distributed_optimizer and par.overlap_param_gather and sharded_params:
             for chunk in state.model:  # the step's updated shards are otherwise gathered at the next forward
                 chunk.start_param_sync(force_sync=True)
+        optimizer_format = self._optimizer_format(final=final)
         manifest_fields = {
             "consumed_samples": state.consumed_samples,
             "model": model_signature(self.root_cfg.model),
             "layout": layout_signature(self.root_cfg, self.layout.world_size, self.layout.dp_size),
             "training": training_signature(self.root_cfg),
+            "optimizer_format": optimizer_format,
         }
-        self.writer.start(state.step, sharded_state_dict(state), manifest_fields,
-                          live=live_storages(state.model, state.optimizer), stage=not blocking)
-        self._saved_step = state.step
+        self.writer.start(state.step, sharded_state_dict(state, optimizer_format=optimizer_format), manifest_fields,
+                          live=live_storages(state.model, state.optimizer), stage=not blocking,
+                          blocked_since=blocked_since, kind=optimizer_format)
+        self._saved_step, self._saved_format = state.step, optimizer_format
         if not blocking:
             return None
         outcome = self.writer.wait()
@@ -187,23 +201,25 @@ class CheckpointCallback:
                           size_bytes=outcome.total_bytes if outcome.committed else None, error=outcome.error)
         status = self.save_status
         status.saves_total += 1
-        status.last_blocking_s = round(outcome.blocking_s, 4)
-        status.last_background_s = round(outcome.background_s, 4)
+        status.last_blocking_s = round(stalled, 4)
+        status.last_background_s = round(0.0 if synchronous else outcome.background_s, 4)
         status.updated_unix = time.time()
         if outcome.committed:
             status.last_committed_step = outcome.step
             status.last_bytes = outcome.total_bytes
             status.last_error = None
             if self.layout.rank == 0:
-                self._say(f"checkpoint: committed {outcome.path} ({outcome.total_bytes / 2**20:.1f} MiB; training "
-                          f"blocked {status.last_blocking_s:.3f} s, background {outcome.background_s:.2f} s)")
+                how = ("synchronous save" if synchronous
+                       else f"background {outcome.background_s:.2f} s")
+                self._say(f"checkpoint: committed {outcome.path} ({outcome.total_bytes / 2**20:.1f} MiB, "
+                          f"{outcome.kind} optimizer state; training blocked {status.last_blocking_s:.3f} s, {how})")
                 if self.replicator is not None:
                     self.replicator.committed(outcome.step)
         else:
             status.save_failures_total += 1
             status.last_error = outcome.error
             if self._saved_step == outcome.step:
-                self._saved_step = status.last_committed_step
+                self._saved_step, self._saved_format = status.last_committed_step, None
             if self.layout.rank == 0:
                 self._say(f"checkpoint: save of {step_name(outcome.step)} FAILED, training continues: {outcome.error}")
         if self.layout.rank == 0:

@@ -25,7 +25,7 @@ import queue
 import time
 import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional
 
 import torch
@@ -59,6 +59,7 @@ class SaveOutcome:
     blocking_s: float  # what the training loop waited for (planning + staging)
     background_s: float  # writing + commit, overlapped with training
     total_bytes: int
+    kind: str = ""  # what start() was told (the optimizer format)
 
 
 class _CapturingStrategy(TorchDistSaveShardedStrategy):
@@ -142,11 +143,10 @@ class CheckpointWriter:
         self.world = dist.get_world_size()
         self.write_threads = write_threads
         self.after_commit = after_commit  # rank 0, background thread, after a commit (e.g. retention)
-        base = _CapturingStrategy("torch_dist", 1, thread_count=write_threads, cached_metadata=True)
-        self._base = base
-        # replicas (DP copies) are spread over the data-parallel ranks: everybody writes a share
-        self._strategy: Any = (FullyParallelSaveStrategyWrapper(base, parallel_group, do_cache_distribution=True)
-                               if parallel_group is not None and dist.get_world_size(parallel_group) > 1 else base)
+        self.parallel_group = parallel_group
+        # one planning cache per kind of state dict (e.g. the optimizer format): a cached plan is only
+        # valid for the same keys and shapes
+        self._strategies: dict[str, tuple[_CapturingStrategy, Any]] = {}
         # megatron collects results of its forked writers through a multiprocessing Manager queue;
         # our writers are threads of this process, so an in-process queue stands in (nothing spawned)
         if getattr(filesystem_async, "_results_queue", None) is None:
@@ -154,18 +154,34 @@ class CheckpointWriter:
         self._stager = HostStager()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-writer")
         self._inflight: Optional[Future[SaveOutcome]] = None
-        self._first = True
+
+    def _strategy(self, kind: str) -> tuple[_CapturingStrategy, Any, bool]:
+        """(base strategy, strategy to save with, first use) for one kind of state dict."""
+        if kind in self._strategies:
+            return (*self._strategies[kind], False)
+        base = _CapturingStrategy("torch_dist", 1, thread_count=self.write_threads, cached_metadata=True)
+        group = self.parallel_group
+        # replicas (DP copies) are spread over the data-parallel ranks: everybody writes a share
+        strategy: Any = (FullyParallelSaveStrategyWrapper(base, group, do_cache_distribution=True)
+                         if group is not None and dist.get_world_size(group) > 1 else base)
+        self._strategies[kind] = (base, strategy)
+        return base, strategy, True
 
     @property
     def in_flight(self) -> bool:
         return self._inflight is not None
 
     def start(self, step: int, sharded_sd: dict[str, Any], manifest_fields: dict[str, Any], *,
-              live: set[int], stage: bool = True) -> None:
-        """Collective. Blocks for planning and staging, then writes in the background."""
+              live: set[int], stage: bool = True, blocked_since: Optional[float] = None, kind: str = "") -> None:
+        """Collective. Blocks for planning and staging, then writes in the background.
+
+        ``blocked_since``: ``time.perf_counter()`` when the caller stopped training for this save
+        (before building ``sharded_sd``), so that ``SaveOutcome.blocking_s`` covers all of it.
+        ``kind``: state dicts of one kind share a cached save plan (same keys and shapes).
+        """
         if self._inflight is not None:
             raise RuntimeError("a checkpoint save is still in flight; collect it with wait() first")
-        t0 = time.perf_counter()
+        t0 = time.perf_counter() if blocked_since is None else blocked_since
         error: Optional[str] = None
         if self.rank == 0:
             try:
@@ -175,13 +191,13 @@ class CheckpointWriter:
         flag = [error]
         dist.broadcast_object_list(flag, src=0, group=self.group)
         if flag[0] is not None:
-            self._inflight = _done(SaveOutcome(step, False, None, flag[0], time.perf_counter() - t0, 0.0, 0))
+            self._inflight = _done(SaveOutcome(step, False, None, flag[0], time.perf_counter() - t0, 0.0, 0, kind))
             return
         tmp = self.store.tmp_path(step)
-        dist_checkpointing.save(sharded_sd, tmp, sharded_strategy=self._strategy, async_sharded_save=True,
-                                validate_access_integrity=self._first)
-        self._first = False
-        writer, metadata = self._base.captured or (None, None)
+        base, strategy, first = self._strategy(kind)
+        dist_checkpointing.save(sharded_sd, tmp, sharded_strategy=strategy, async_sharded_save=True,
+                                validate_access_integrity=first)
+        writer, metadata = base.captured or (None, None)
         if writer is None:
             raise RuntimeError("megatron's torch_dist strategy did not hand back its storage writer")
         buckets = list(writer.write_buckets or [])
@@ -189,8 +205,11 @@ class CheckpointWriter:
         if stage:
             buckets, copied = self._stager.stage(buckets, live)
         blocking = time.perf_counter() - t0
-        self._inflight = self._executor.submit(self._write_and_commit, step, tmp, writer, metadata, buckets,
-                                               manifest_fields, blocking)
+        def write_and_commit() -> SaveOutcome:
+            outcome = self._write_and_commit(step, tmp, writer, metadata, buckets, manifest_fields, blocking)
+            return replace(outcome, kind=kind)
+
+        self._inflight = self._executor.submit(write_and_commit)
 
     def poll(self) -> Optional[SaveOutcome]:
         """The outcome once the in-flight save has finished on every rank; never blocks."""

@@ -77,8 +77,9 @@ def test_two_ranks_distributed_optimizer_async_resume(tmp_path: Path, reference:
 
 
 def test_save_tp2_resume_tp1_and_pp2(tmp_path: Path, reference: dict[int, float]) -> None:
+    """Periodic saves in the format any layout loads (optimizer_format=fully_reshardable)."""
     ckpt = tmp_path / "tp2"
-    base = [*TINY, "training.train_steps=8", "checkpoint.save_interval=4"]
+    base = [*TINY, "training.train_steps=8", "checkpoint.save_interval=4", "checkpoint.optimizer_format=fully_reshardable"]
     saved = run(tmp_path / "save", 2, [*base, "parallelism.tp=2", f"checkpoint.dir={ckpt}"])
     assert losses(saved) == pytest.approx(reference, abs=LAYOUT_TOL)
     drop_steps_after(ckpt, 4)
@@ -90,6 +91,29 @@ def test_save_tp2_resume_tp1_and_pp2(tmp_path: Path, reference: dict[int, float]
         after = losses(text)
         assert sorted(after) == [5, 6, 7, 8]
         assert after == pytest.approx({s: v for s, v in reference.items() if s > 4}, abs=LAYOUT_TOL), name
+
+
+def test_auto_format_periodic_saves_stay_on_their_layout_final_save_reshards(tmp_path: Path) -> None:
+    """optimizer_format=auto: periodic saves are dp_reshardable (cheap), the final save fully_reshardable.
+    A layout change from a periodic save is refused at start-up, naming the field and the fix; from the
+    final save it reshards."""
+    ckpt = tmp_path / "ckpt"
+    base = [*TINY, "training.train_steps=6", "checkpoint.save_interval=3", f"checkpoint.dir={ckpt}"]
+    run(tmp_path / "save", 2, [*base, "parallelism.tp=2"])
+    formats = {s: Manifest.from_json((ckpt / step_name(s) / "manifest.json").read_text()).optimizer_format
+               for s in committed_steps(ckpt)}
+    assert formats == {3: "dp_reshardable", 6: "fully_reshardable"}
+    final = tmp_path / "final"
+    shutil.copytree(ckpt, final)
+    text = run(tmp_path / "tp1", None, [*TINY, "training.train_steps=8", "checkpoint.save_interval=3",
+                                         f"checkpoint.dir={final}"])
+    assert resumed_step(text) == 6 and "resharded from" in text and sorted(losses(text)) == [7, 8], text[-3000:]
+    drop_steps_after(ckpt, 3)
+    refused = run(tmp_path / "refused", None, base, expect_rc=2, timeout=120)
+    assert "parallelism.tp = 1" in refused and "dp_reshardable" in refused and "parallelism.tp=2" in refused, refused
+    assert "Traceback" not in refused
+    again = run(tmp_path / "same", 2, [*base, "parallelism.tp=2"])  # the layout that saved it: resumes
+    assert resumed_step(again) == 3 and sorted(losses(again)) == [4, 5, 6]
 
 
 def test_fetch_from_s3_when_the_shared_filesystem_has_none(tmp_path: Path, moto: MotoServer, bucket: str,

@@ -28,6 +28,7 @@ def problems(cfg: CheckpointConfig) -> dict[str, str]:
 @pytest.mark.parametrize("cfg,field,text", [
     (CheckpointConfig(save_interval=-1), "checkpoint.save_interval", ">= 0"),
     (CheckpointConfig(keep_last=0), "checkpoint.keep_last", ">= 1"),
+    (CheckpointConfig(optimizer_format="zero"), "checkpoint.optimizer_format", "dp_reshardable"),
     (CheckpointConfig(dir="s3://b/x"), "checkpoint.dir", "shared filesystem"),
     (CheckpointConfig(enabled=True, s3=S3Config(bucket="s3://b/p")), "checkpoint.s3.bucket", "bucket name only"),
     (CheckpointConfig(enabled=True, s3=S3Config(bucket="Bad_Bucket")), "checkpoint.s3.bucket", "not a valid"),
@@ -199,3 +200,22 @@ def test_incompatible_model_names_the_field() -> None:
     fields = {f: fix for f, _, fix in found}
     assert "hidden_size=32" in fields["model.hidden_size"] and "new directory" in fields["model.hidden_size"]
     assert "training.global_batch_size" in fields
+
+
+def test_periodic_dp_reshardable_checkpoint_refuses_another_tp() -> None:
+    from checkpointing.signature import layout_signature, model_signature
+
+    cfg = compose_root()
+    saved_layout = {**layout_signature(cfg, 2, 1), "tp": 2, "distributed_optimizer": True}
+    periodic = Manifest(step=4, files={}, consumed_samples=32, model=model_signature(cfg.model), layout=saved_layout,
+                        optimizer_format="dp_reshardable")
+    found: list[tuple[str, object, str]] = []
+    check_compatible(("/ck/step_00000004", periodic), cfg, lambda f, v, fix: found.append((f, v, fix)))
+    assert [f for f, _, _ in found] == ["parallelism.tp"]
+    assert "parallelism.tp=2" in found[0][2] and "fully_reshardable" in found[0][2]
+    reshardable = Manifest(step=4, files={}, consumed_samples=32, model=model_signature(cfg.model),
+                           layout=saved_layout, optimizer_format="fully_reshardable")
+    found.clear()
+    check_compatible(("/ck/step_00000004", reshardable), cfg, lambda f, v, fix: found.append((f, v, fix)))
+    assert found == []
+    assert Manifest.from_json(periodic.to_json()).optimizer_format == "dp_reshardable"
