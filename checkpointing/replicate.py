@@ -63,6 +63,7 @@ class Journal:
         self.path = path
         self.uploads: dict[tuple[int, str], dict[str, Any]] = {}  # (step, name) -> {"upload_id", "part_size"}
         self.verified: dict[tuple[int, str], str] = {}  # (step, name) -> crc32 of the verified object
+        self.location: Optional[str] = None  # the S3 location these entries are about
         self._lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
         lines = 0
@@ -84,7 +85,9 @@ class Journal:
     def _apply(self, event: dict[str, Any]) -> None:
         key = (int(event.get("step", -1)), str(event.get("name", "")))
         kind = event["ev"]
-        if kind == "mpu":
+        if kind == "location":
+            self.location = str(event["url"])
+        elif kind == "mpu":
             self.uploads[key] = {"upload_id": event["upload_id"], "part_size": int(event["part_size"])}
         elif kind in ("mpu_done", "mpu_abort"):
             self.uploads.pop(key, None)
@@ -106,9 +109,27 @@ class Journal:
                 handle.flush()
                 os.fsync(handle.fileno())
 
+    def start_for(self, url: str) -> Optional[str]:
+        """Bind the journal to one S3 location; entries about another one are dropped (returns it)."""
+        previous = self.location
+        if previous == url:
+            return None
+        if previous is None:  # a new journal, or one from before locations were recorded: adopt it
+            self.record("location", url=url)
+            return None
+        with self._lock:
+            self.uploads.clear()
+            self.verified.clear()
+            self.location = None
+            self._compact()
+        self.record("location", url=url)
+        return previous
+
     def _compact(self) -> None:
         tmp = self.path.with_suffix(".tmp")
         with open(tmp, "w") as handle:
+            if self.location is not None:
+                handle.write(json.dumps({"ev": "location", "url": self.location}) + "\n")
             for (step, name), upload in self.uploads.items():
                 handle.write(json.dumps({"ev": "mpu", "step": step, "name": name, **upload}) + "\n")
             for (step, name), crc in self.verified.items():
@@ -144,12 +165,19 @@ class Replicator:
         self.stop = threading.Event()
         self.started_unix = time.time()
         self.journal = Journal(Path(root, REPLICATION_DIR, JOURNAL_NAME))
+        previous = self.journal.start_for(self._journal_url())
+        if previous is not None:  # checkpoint.s3 changed: what was verified THERE says nothing about here
+            say(f"replicate: the journal was about {previous}; starting afresh for {self.loc.url()} (multipart "
+                f"uploads still open at the old location are not aborted from here)")
         self.status = read_replication_status(root) or ReplicationStatus()
         self.status.state = "idle"
         self.status.step = None
         self._status_lock = threading.Lock()
         self._last_progress = 0.0
         self._index: Optional[StepIndex] = None
+
+    def _journal_url(self) -> str:
+        return f"{self.cfg.endpoint_url or 'aws'} {self.loc.url()}"
 
     # ------------------------------------------------------------------ public
     def index(self, refresh: bool = False) -> StepIndex:

@@ -66,9 +66,8 @@ class ReplicatorProcess:
         return False
 
     def _send(self, line: str) -> None:
-        if not self._alive():
+        if not self._alive() or self._proc is None or self._proc.stdin is None:
             return
-        assert self._proc is not None and self._proc.stdin is not None
         try:
             self._proc.stdin.write(line + "\n")
             self._proc.stdin.flush()

@@ -53,7 +53,8 @@ class S3Location:
 
     @classmethod
     def of(cls, cfg: S3Config) -> "S3Location":
-        assert cfg.bucket is not None
+        if not cfg.bucket:
+            raise ValueError("checkpoint.s3.bucket is not set: there is no S3 location")
         return cls(cfg.bucket, cfg.prefix.strip("/"))
 
     def key(self, *parts: str) -> str:

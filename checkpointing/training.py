@@ -90,8 +90,7 @@ class CheckpointCallback:
                                        after_commit=None if self.cfg.replicated else self._prune)
 
     def on_step_end(self, state: TrainState, report: StepReport) -> None:
-        assert self.writer is not None
-        outcome = self.writer.poll()
+        outcome = self._writer().poll()
         if outcome is not None:
             self._record(outcome)
         self._report_replication()
@@ -105,7 +104,7 @@ class CheckpointCallback:
             if self.replicator is not None:
                 self.replicator.stop(grace_s=2.0)
             return
-        assert self.writer is not None
+        writer = self._writer()
         outcome = self._wait_in_flight(state.step)
         if outcome is not None:
             self._record(outcome)
@@ -113,7 +112,7 @@ class CheckpointCallback:
         reshardable = self._saved_format == self._optimizer_format(final=True)
         if self._saved_step != state.step or not reshardable:  # the last step, in the format any layout loads
             final = self._save(state, blocking=True, final=True)
-        self.writer.close()
+        writer.close()
         if self.replicator is not None:
             if finished:
                 timeout = self.cfg.s3.final_upload_timeout_s
@@ -142,7 +141,7 @@ class CheckpointCallback:
 
     def _save(self, state: TrainState, *, blocking: bool, final: bool = False) -> Optional[SaveOutcome]:
         """``final``: the end-of-training or stop save (what a resume on another layout starts from)."""
-        assert self.writer is not None
+        writer = self._writer()
         previous = self._wait_in_flight(state.step)
         if previous is not None:
             self._record(previous)
@@ -160,29 +159,35 @@ class CheckpointCallback:
             "training": training_signature(self.root_cfg),
             "optimizer_format": optimizer_format,
         }
-        self.writer.start(state.step, sharded_state_dict(state, optimizer_format=optimizer_format), manifest_fields,
+        writer.start(state.step, sharded_state_dict(state, optimizer_format=optimizer_format), manifest_fields,
                           live=live_storages(state.model, state.optimizer), stage=not blocking,
                           blocked_since=blocked_since, kind=optimizer_format)
         self._saved_step, self._saved_format = state.step, optimizer_format
         if not blocking:
             return None
-        outcome = self.writer.wait()
-        assert outcome is not None
+        outcome = writer.wait()
+        if outcome is None:
+            raise RuntimeError("the synchronous save left no outcome")
         self._record(outcome, synchronous=True)
         return outcome
 
     def _wait_in_flight(self, step: int) -> Optional[SaveOutcome]:
-        assert self.writer is not None
-        if not self.writer.in_flight:
+        writer = self._writer()
+        if not writer.in_flight:
             return None
         t0 = time.perf_counter()
-        outcome = self.writer.wait()
+        outcome = writer.wait()
         waited = time.perf_counter() - t0
         self.save_status.waited_for_previous_s_total += waited
         if waited > 0.5 and self.layout.rank == 0 and outcome is not None:
             self._say(f"checkpoint: waited {waited:.1f} s for the save of {step_name(outcome.step)} before step "
                       f"{step}'s (a save takes longer than checkpoint.save_interval steps)")
         return outcome
+
+    def _writer(self) -> CheckpointWriter:
+        if self.writer is None:
+            raise RuntimeError("on_train_start has not run: no checkpoint writer")
+        return self.writer
 
     def _report_replication(self) -> None:
         """Rank 0: the replicator's progress (another process) as monitoring events."""

@@ -240,13 +240,13 @@ class CheckpointWriter:
             gathered: Optional[list[Any]] = [None] * self.world if self.rank == 0 else None
             dist.gather_object(mine, gathered, dst=0, group=self.group)
             outcome: Optional[SaveOutcome] = None
-            if self.rank == 0:
-                assert gathered is not None
+            if gathered is not None:  # rank 0
                 outcome = self._commit(step, tmp, writer, metadata, gathered, manifest_fields, blocking, t0)
             box = [outcome]
             dist.broadcast_object_list(box, src=0, group=self.group)
             result = box[0]
-            assert result is not None
+            if result is None:
+                raise RuntimeError("rank 0 sent no outcome")
             return result
         except Exception as exc:  # a peer died or the group timed out: nothing was committed by us
             return SaveOutcome(step, False, None, f"rank {self.rank}: checkpoint collective failed: {exc!r}",

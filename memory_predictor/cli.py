@@ -248,7 +248,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"error: {_no_fit_problem(args, result, hw)}", file=sys.stderr)
         return EXIT_NO_FIT
     best = result.ranked[0]
-    assert best.step is not None
+    if best.step is None:  # search() times every layout it keeps
+        raise RuntimeError("the best layout has no step time")
     plan = make_plan(step_time_s=best.step.step_time_s, global_batch=args.gbs, seq_length=args.seq, nodes=hw.nodes,
                      gpus_per_node=hw.gpus_per_node, tokens=args.tokens, steps=args.steps,
                      price_per_node_hour=args.price_per_node_hour, checkpoint_interval_steps=args.checkpoint_every_steps,

@@ -97,9 +97,11 @@ class MonitoringCallback:
             advertise = "127.0.0.1" if cfg.cluster.kind == "local" else socket.gethostname()
             self.prometheus = PrometheusSink(self.m, self.identity, advertise, self._degraded)
             sinks.append(self.prometheus)
+        self.wandb: Optional[WandbSink] = None
         if self.m.wandb and layout.rank == 0:
-            sinks.append(WandbSink(self.m, _wandb_config(cfg, layout), cfg.training.log_interval, self._degraded,
-                                   secrets, self.board))
+            self.wandb = WandbSink(self.m, _wandb_config(cfg, layout), cfg.training.log_interval, self._degraded,
+                                   secrets, self.board)
+            sinks.append(self.wandb)
         self.sinks = FanOut(sinks)
         self.straggler: Optional[StragglerSink] = None
         if self.m.straggler.enabled:
@@ -178,8 +180,13 @@ class MonitoringCallback:
         self.sinks.finish(outcome)
         self._stop_node_exporter()
         if self.layout.rank == 0 and self._step_s > 0:
-            print(f"monitoring: in-loop overhead {self._overhead_s * 1e3:.1f} ms = "
-                  f"{100 * self._overhead_s / self._step_s:.3f}% of {self._step_s:.1f} s of steps on rank 0", flush=True)
+            share = 100 * self._overhead_s / self._step_s
+            line = f"monitoring: in-loop overhead {self._overhead_s * 1e3:.1f} ms = {share:.3f}% of {self._step_s:.1f} s"
+            if self.wandb is not None:  # its own thread: competes for the GIL, not inside the loop
+                cpu = self.wandb.thread_cpu_s
+                line += (f"; W&B thread CPU {cpu * 1e3:.1f} ms = {100 * cpu / self._step_s:.3f}% (+ "
+                         f"{self.wandb.init_cpu_s:.2f} s once for wandb.init)")
+            print(line + " of steps on rank 0", flush=True)
         _ACTIVE = None
 
     def _failed(self, state: TrainState, error: BaseException, run: str) -> Outcome:

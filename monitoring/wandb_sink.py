@@ -14,6 +14,7 @@ import os
 import queue
 import re
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 from urllib.parse import urlparse
@@ -73,6 +74,8 @@ class WandbSink(MetricSink):
         self._failed_sent = False
         self._finished = False
         self.dropped = 0
+        self.thread_cpu_s = 0.0  # CPU time of the worker thread after wandb.init (set when it ends)
+        self.init_cpu_s = 0.0  # ...and of wandb.init (once per run, before the first step is logged)
 
     # -- events (training thread) ---------------------------------------------------------------
 
@@ -136,12 +139,20 @@ class WandbSink(MetricSink):
     # -- worker thread -------------------------------------------------------------------------
 
     def _work(self) -> None:
+        started = time.thread_time()
+        try:
+            self._work_items(started)
+        finally:  # what this thread cost the process while training ran (start-up not included)
+            self.thread_cpu_s = time.thread_time() - started - self.init_cpu_s
+
+    def _work_items(self, started: float) -> None:
         try:
             self._init()
         except Exception as exc:
             self.report("wandb", f"W&B could not start ({type(exc).__name__}: {redact(str(exc), self.secret_names)}); "
                         "W&B metrics and alerts are off for this run, training continues")
             self._run = None
+        self.init_cpu_s = time.thread_time() - started  # wandb.init, once per run
         if self.board is not None:
             self.board.listen()
         while True:
@@ -170,7 +181,8 @@ class WandbSink(MetricSink):
         import wandb
 
         info = self._info
-        assert info is not None
+        if info is None:
+            raise RuntimeError("the W&B sink was not started")
         run_dir = info.run_dir or os.getcwd()
         wandb_dir = self.cfg.wandb_dir or run_dir
         os.makedirs(wandb_dir, exist_ok=True)

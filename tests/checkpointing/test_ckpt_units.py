@@ -219,3 +219,15 @@ def test_periodic_dp_reshardable_checkpoint_refuses_another_tp() -> None:
     check_compatible(("/ck/step_00000004", reshardable), cfg, lambda f, v, fix: found.append((f, v, fix)))
     assert found == []
     assert Manifest.from_json(periodic.to_json()).optimizer_format == "dp_reshardable"
+
+
+def test_journal_is_bound_to_one_s3_location(tmp_path: Path) -> None:
+    path = tmp_path / "replication" / "journal.jsonl"
+    journal = Journal(path)
+    assert journal.start_for("aws s3://a/run1") is None  # a new journal: nothing to drop
+    journal.record("verified", step=4, name="__0_0.distcp", crc32="0badf00d")
+    again = Journal(path)
+    assert again.location == "aws s3://a/run1" and again.start_for("aws s3://a/run1") is None
+    assert (4, "__0_0.distcp") in again.verified  # same location: resumes
+    assert again.start_for("aws s3://a/run2") == "aws s3://a/run1"  # moved: verified-there means nothing here
+    assert again.verified == {} and Journal(path).verified == {} and Journal(path).location == "aws s3://a/run2"
