@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,31 +42,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.monitoring.services import free_port_block  # noqa: E402  (the tests' port helper)
 TARGET_PERCENT = 1.0
 WARMUP_STEPS = 20
 _STEP = re.compile(r"^step=(\d+)/\d+ .*step_time_s=([0-9.]+)", re.M)
 _IN_LOOP = re.compile(r"monitoring: in-loop overhead ([0-9.]+) ms = ([0-9.]+)%")
 _WANDB = re.compile(r"W&B thread CPU ([0-9.]+) ms = ([0-9.]+)%")
 PROJECT_STEP_S = (0.1, 0.5, 2.0, 30.0)  # step times to project the measured per-step costs onto
-
-
-def free_port_block(size: int) -> int:
-    for _ in range(100):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = int(probe.getsockname()[1])
-        if base + size < 65000 and all(_free(p) for p in range(base, base + size)):
-            return base
-    raise RuntimeError("no block of free ports")
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 class Scraper(threading.Thread):

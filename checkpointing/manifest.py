@@ -202,20 +202,13 @@ def _gf2_square(mat: list[int]) -> list[int]:
 def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
     if len2 <= 0:
         return crc1
-    odd = [0xEDB88320] + [1 << n for n in range(31)]  # the CRC-32 polynomial operator for one zero bit
-    even = _gf2_square(odd)  # two zero bits
-    odd = _gf2_square(even)  # four zero bits
-    while True:
-        even = _gf2_square(odd)
+    op = [0xEDB88320] + [1 << n for n in range(31)]  # the CRC-32 operator for one zero bit
+    for _ in range(3):
+        op = _gf2_square(op)  # ... for one zero byte (2^3 bits)
+    while len2:  # apply the operator for 2^k zero bytes for every bit k set in len2
         if len2 & 1:
-            crc1 = _gf2_times(even, crc1)
+            crc1 = _gf2_times(op, crc1)
         len2 >>= 1
-        if not len2:
-            break
-        odd = _gf2_square(even)
-        if len2 & 1:
-            crc1 = _gf2_times(odd, crc1)
-        len2 >>= 1
-        if not len2:
-            break
+        if len2:
+            op = _gf2_square(op)
     return (crc1 ^ crc2) & 0xFFFFFFFF

@@ -146,16 +146,16 @@ def check_compatible(found: Optional[tuple[str, Manifest]], cfg: RootConfig,
             "step x global batch size, so keep it (or start a new checkpoint.dir)")
 
 
-
 def _check_optimizer_layout(manifest: Manifest, cfg: RootConfig, where_step: str,
                             add: Callable[[str, object, str], None]) -> None:
     """A ``dp_reshardable`` distributed-optimizer state loads only at the TP/PP/VPP that saved it."""
     saved = manifest.layout
     if manifest.optimizer_format != "dp_reshardable" or not saved.get("distributed_optimizer"):
         return
-    p = cfg.parallelism
-    current = {"tp": p.tp, "pp": p.pp, "vpp": p.vpp if p.vpp and p.vpp > 1 else 1,
-               "distributed_optimizer": p.distributed_optimizer}
+    from checkpointing.signature import layout_signature
+
+    signature = layout_signature(cfg, 0, 0)  # world and DP sizes do not matter to this format
+    current = {key: signature[key] for key in ("tp", "pp", "vpp", "distributed_optimizer")}
     for key, value in current.items():
         if saved.get(key) != value:
             layout = " ".join(f"parallelism.{k}={saved.get(k)}" for k in current)
