@@ -63,8 +63,8 @@ def build_state(num_layers: int, checkpoint_dir: str) -> Any:
     """The trainer's model, optimizer and schedule after one real training step (gloo, 1 rank)."""
     from hydra import compose, initialize_config_dir
 
-    from launcher.loading import to_root
-    from launcher.schema import register_configs
+    from configs.loading import to_root
+    from configs.schema import register_configs
 
     overrides = [f"model.num_layers={num_layers}", f"model.hidden_size={HIDDEN}", f"model.ffn_hidden_size={FFN}",
                  f"model.num_attention_heads={HEADS}", f"model.num_query_groups={KV_HEADS}",

@@ -83,7 +83,7 @@ def delete_prefix(client: Any, prefix: str) -> None:
 
 
 def run_ours(root: str, endpoint: str, prefix: str, part_mb: int, concurrency: int) -> float:
-    from checkpointing.config import S3Config
+    from configs.checkpoint_config import S3Config
     from checkpointing.replicate import Replicator
 
     shutil.rmtree(Path(root, "replication"), ignore_errors=True)  # a fresh journal: nothing "already verified"
@@ -117,7 +117,7 @@ def run_plain(step_dir: Path, client: Any, prefix: str, part_mb: int, concurrenc
 
 
 def main() -> int:
-    from checkpointing.config import S3Config
+    from configs.checkpoint_config import S3Config
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="uploads of each kind (alternating)")

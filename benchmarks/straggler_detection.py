@@ -43,7 +43,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from monitoring.config import StragglerConfig  # noqa: E402
+from configs.monitoring_config import StragglerConfig  # noqa: E402
 from monitoring.straggler import RankWindow, StragglerDetector, ThroughputWatch  # noqa: E402
 
 BASE_S = 0.35  # compute seconds of one step on one rank

@@ -13,11 +13,11 @@ import socket
 import uuid
 from typing import Callable, Optional
 
-from checkpointing.config import CheckpointConfig, S3Config
+from configs.checkpoint_config import CheckpointConfig, S3Config
 from checkpointing.manifest import Manifest, ManifestError
 from checkpointing.store import CheckpointStore, step_name
-from launcher.schema import RootConfig
-from launcher.validate import ConfigError, Problem
+from configs.schema import RootConfig
+from configs.errors import ConfigError, Problem
 
 RUN_DIR_ENV = "HYPERLAUNCH_RUN_DIR"
 _CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",

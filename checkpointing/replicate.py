@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from checkpointing import hooks
-from checkpointing.config import S3Config
+from configs.checkpoint_config import S3Config
 from checkpointing.manifest import (MANIFEST_NAME, FileEntry, Manifest, ManifestError, crc32_combine, crc_hex,
                                     file_entry, read_manifest)
 from checkpointing.s3 import (S3Location, StepIndex, b64_crc32, describe, index_entry, is_missing, make_client,

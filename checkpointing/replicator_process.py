@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Callable, Optional
 
-from checkpointing.config import CheckpointConfig
+from configs.checkpoint_config import CheckpointConfig
 from checkpointing.status import ReplicationStatus, read_replication_status
 
 MAX_RESTARTS = 5

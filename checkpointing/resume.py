@@ -17,13 +17,13 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
-from checkpointing.config import CheckpointConfig
+from configs.checkpoint_config import CheckpointConfig
 from checkpointing.manifest import ManifestError, check_files
 from checkpointing.preflight import check_compatible
 from checkpointing.signature import describe, layout_signature
 from checkpointing.state import init_optimizer_state, restore, sharded_state_dict
 from checkpointing.store import CheckpointStore, ValidStep, step_name
-from launcher.validate import ConfigError, Problem
+from configs.errors import ConfigError, Problem
 from trainer.callbacks import TrainState
 
 

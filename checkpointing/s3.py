@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from checkpointing.config import S3Config
+from configs.checkpoint_config import S3Config
 from checkpointing.manifest import MANIFEST_NAME, Manifest, ManifestError
 from checkpointing.store import parse_step_name, step_name
 

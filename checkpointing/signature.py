@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from launcher.schema import ModelConfig, RootConfig
-from launcher.validate import padded_vocab_size
+from configs.schema import ModelConfig, RootConfig
+from configs.derived import padded_vocab_size
 
 _SHAPE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                  "tie_embeddings")

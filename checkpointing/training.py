@@ -31,7 +31,7 @@ from checkpointing.status import (SAVE_STATUS_NAME, ReplicationWatch, SaveStatus
                                   write_json_atomic)
 from checkpointing.store import CheckpointStore, step_name
 from checkpointing.writer import CheckpointWriter, SaveOutcome, live_storages
-from launcher.schema import RootConfig
+from configs.schema import RootConfig
 from monitoring import record_checkpoint
 from trainer import control
 from trainer.callbacks import StepReport, TrainingCallback, TrainState

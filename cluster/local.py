@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Callable, TextIO
 
-from launcher.schema import ClusterConfig
+from configs.schema import ClusterConfig
 
 LOG_NAME = "local.out"
 

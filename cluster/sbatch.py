@@ -17,8 +17,9 @@ import re
 import shlex
 from dataclasses import dataclass
 
-from cluster.instances import GPU_ENV, lookup_instance
-from launcher.schema import ClusterConfig
+from cluster.instances import GPU_ENV, instance_env
+from configs.hardware import lookup_instance
+from configs.schema import ClusterConfig
 
 STEP_SCRIPT = "step.sh"
 CONTROL_DIR = "control"
@@ -88,7 +89,7 @@ def _env_block(plan: JobPlan) -> list[str]:
         out += [f"export {k}={_q(v)}" for k, v in GPU_ENV]
     if inst is not None:
         out.append(f"# EFA / NCCL for {c.instance_type} ({inst.efa_devices} EFA devices)")
-        out += [f"export {k}={_q(v)}" for k, v in inst.env]
+        out += [f"export {k}={_q(v)}" for k, v in instance_env(inst.name)]
     if c.env:
         out.append("# user environment (cluster.env)")
         out += [f"export {k}={_q(v)}" for k, v in sorted(c.env.items())]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from launcher.jobs import SUBCOMMANDS, run_subcommand
+from launcher.cli import SUBCOMMANDS, run_subcommand
 
 
 def main() -> None:

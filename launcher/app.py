@@ -19,12 +19,12 @@ from omegaconf import DictConfig
 from cluster.local import LocalExecutor, local_command, render_launch_script
 from cluster.sbatch import STEP_SCRIPT, JobPlan, job_name_slug, render_sbatch, render_step
 from launcher import console
-from launcher.loading import dump_config, to_root
+from configs.loading import dump_config, to_root
 from launcher.manifest import PROJECT_ROOT, build_manifest
 from launcher.rundir import (CONFIG_FILE, MANIFEST_FILE, create_run_dir, new_run_dir_path,
                              read_job_record, remove_run_dir, write_job_record)
-from launcher.schema import RootConfig, register_configs
-from launcher.validate import ConfigError, Problem
+from configs.schema import RootConfig, register_configs
+from configs.errors import ConfigError, Problem
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_CONFIG, EXIT_REJECTED, EXIT_BACKEND = 0, 1, 2, 3, 4
 
@@ -77,7 +77,7 @@ def launch(root: RootConfig, argv: list[str]) -> int:
     """Create the run directory, then run locally or submit. Returns the exit code."""
     if root.depends_on:
         root = with_dependency(root, root.depends_on)
-    from memory_predictor.launcher_bridge import apply_predictor
+    from launcher.sizing import apply_predictor
 
     root, predicted, notes = apply_predictor(root)  # parallelism=auto, fit check of manual layouts
     for note in notes:

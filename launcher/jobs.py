@@ -1,4 +1,4 @@
-"""Job management: ``list``, ``status``, ``logs``, ``cancel``, ``wait``; ``sweep`` (launcher/sweep.py).
+"""Job management: ``list``, ``status``, ``logs``, ``cancel``, ``wait`` (dispatched by launcher.cli).
 
 A run is named by its directory, by its run-dir name (or a prefix of it) under the runs
 root, or by its Slurm job id; with no name, the newest run. State comes from the backend
@@ -18,7 +18,6 @@ from typing import Any
 from launcher import console
 from launcher.rundir import list_run_dirs, read_job_record, write_job_record
 
-SUBCOMMANDS = ("list", "status", "logs", "cancel", "wait", "sweep")
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY",
             "BOOT_FAIL", "DEADLINE", "NOT_SUBMITTED", "LOST"}
 DEFAULT_ROOT = os.environ.get("HYPERLAUNCH_RUNS_ROOT", "runs")
@@ -214,51 +213,3 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     else:
         console.info(f"{run.name} has no running job")
     return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m launcher", description="Manage runs.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--runs-root", default=DEFAULT_ROOT, help="where runs live (env HYPERLAUNCH_RUNS_ROOT)")
-    sub.add_parser("list", parents=[common], help="list runs with their state").set_defaults(func=cmd_list)
-    for name, func, helptext in (("status", cmd_status, "show a run's state"),
-                                 ("wait", cmd_wait, "wait until a run ends; exit 0 if it COMPLETED"),
-                                 ("cancel", cmd_cancel, "cancel a run"),
-                                 ("logs", cmd_logs, "print or follow a run's log")):
-        p = sub.add_parser(name, parents=[common], help=helptext)
-        p.add_argument("run", nargs="?", help="run directory, run name (prefix) or Slurm job id; default: newest")
-        p.set_defaults(func=func)
-        if name in ("status", "wait"):
-            p.add_argument("--json", action="store_true", help="machine-readable output")
-        if name == "wait":
-            p.add_argument("--timeout", type=float, default=24 * 3600.0)
-            p.add_argument("--max-interval", type=float, default=60.0, help="polling back-off cap, seconds")
-        if name == "logs":
-            p.add_argument("-f", "--follow", action="store_true", help="stream until the job ends")
-            p.add_argument("-n", "--lines", type=int, default=50)
-            p.add_argument("--err", action="store_true", help="the stderr file instead of stdout (Slurm)")
-    from launcher import sweep
-
-    p = sub.add_parser("sweep", help="benchmark the predictor's top layouts at several scales")
-    sweep.add_arguments(p)
-    p.set_defaults(func=sweep.run)
-    return parser
-
-
-def run_subcommand(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args))
-    except UsageError as exc:
-        console.error(str(exc))
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    except Exception as exc:  # backend failures: one line, not a traceback
-        from cluster.backend import BackendError
-
-        if isinstance(exc, BackendError):
-            console.error(f"Slurm: {exc}")
-            return 4
-        raise

@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.report:
         return _report_cmd(Path(args.report), args.skip, wait=not args.no_wait, timeout=args.timeout)
-    from launcher.validate import ConfigError
+    from configs.errors import ConfigError
 
     try:
         sweep_dir = submit(args)
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def parse_points(args: argparse.Namespace, gpus_per_node: int) -> list[tuple[int, int]]:
-    from launcher.validate import ConfigError, Problem
+    from configs.errors import ConfigError, Problem
 
     try:
         if args.points:
@@ -97,9 +97,9 @@ def compose(overrides: list[str], args: argparse.Namespace):
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
-    from launcher.loading import to_root
+    from configs.loading import to_root
     from launcher.manifest import PROJECT_ROOT
-    from launcher.schema import register_configs
+    from configs.schema import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(PROJECT_ROOT / "configs"), version_base=None):
@@ -117,8 +117,9 @@ def submit(args: argparse.Namespace) -> Path:
     from launcher import app
     from launcher.jobs import resolve_run
     from launcher.rundir import new_run_dir_path
-    from launcher.validate import ConfigError, Problem, validate
-    from memory_predictor.launcher_bridge import _search, with_layout
+    from configs.errors import ConfigError, Problem
+    from configs.validate import validate
+    from launcher.sizing import search_layouts, with_layout
 
     base, points = compose(args.overrides, args)
     sweep_dir = new_run_dir_path(str(Path(base.runs_root) / "sweeps"), args.name or base.run_name)
@@ -126,7 +127,7 @@ def submit(args: argparse.Namespace) -> Path:
     runs: list[dict[str, Any]] = []
     for nodes, procs in points:
         point = replace(base, runs_root=str(sweep_dir), cluster=replace(base.cluster, nodes=nodes, gpus_per_node=procs))
-        result = _search(point)
+        result = search_layouts(point)
         chosen = result.distinct(args.top_k)
         if not chosen:
             raise ConfigError([Problem("cluster.nodes", nodes, f"no layout fits {nodes} x {procs}; drop this point")])

@@ -1,18 +1,14 @@
-"""The predictor's one exception: every problem names the field, its value and the fix."""
+"""The predictor's one exception: every problem names the field, its value and the fix.
+
+``Problem`` is the config's own (configs.errors, a torch- and omegaconf-free module), so a
+predictor problem reads the same as a config problem wherever the launcher reports it.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from configs.errors import Problem
 
-
-@dataclass(frozen=True, slots=True)
-class Problem:
-    field: str
-    value: object
-    fix: str
-
-    def __str__(self) -> str:
-        return f"{self.field} = {self.value!r}: {self.fix}"
+__all__ = ["Problem", "PredictorError", "raise_if"]
 
 
 class PredictorError(Exception):

@@ -2,7 +2,7 @@
 
 This is the predictor's only file reading. ``configs/model/<name>.yaml`` is read with PyYAML
 (a flat mapping; 9 ms to import, against ~60 ms for omegaconf), so ``python -m
-memory_predictor`` stays well inside its 1 s budget. The same keys as ``launcher.schema.ModelConfig``.
+memory_predictor`` stays well inside its 1 s budget. The same keys as ``configs.schema.ModelConfig``.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from cluster.gpus import GPU_TYPES
+from configs.hardware import GPU_TYPES
 from memory_predictor import constants as C
 from memory_predictor.errors import Problem, raise_if
 
@@ -41,7 +41,7 @@ class ModelSpec:
 
     @property
     def padded_vocab(self) -> int:
-        """As the trainer pads it (launcher.validate.padded_vocab_size): next multiple of the divisor."""
+        """As the trainer pads it (configs.derived.padded_vocab_size): next multiple of the divisor."""
         d = self.make_vocab_size_divisible_by
         return int(math.ceil(self.vocab_size / d) * d)
 

@@ -7,7 +7,7 @@
                                                beyond what hides under the last (first) micro-batch
          + optimizer                           Adam over the local shard, HBM-bound
 
-Compute time uses the FLOPs the GPUs execute: the trainer's formula (trainer/metrics.py,
+Compute time uses the FLOPs the GPUs execute: the one formula (memory_predictor/flops.py,
 Megatron's ``num_floating_point_operations``) plus recomputation, with causal attention
 scores halved (flash attention skips the masked half). Reported TFLOP/s and MFU use the
 trainer's *model* FLOPs, so a prediction and a training log are directly comparable.
@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from memory_predictor import constants as C
 from memory_predictor.memory import stage_params, state_bytes
 from memory_predictor.spec import Hardware, Layout, ModelSpec, Options, TrainSpec
-from trainer.metrics import FlopsShape, hardware_flops_per_step, model_flops_per_step
+from memory_predictor.flops import FlopsShape, hardware_flops_per_step, model_flops_per_step
 
 
 @dataclass(frozen=True, slots=True)

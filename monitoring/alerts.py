@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-from monitoring.config import AlertConfig
+from configs.monitoring_config import AlertConfig
 from monitoring.events import Alert, Level, RankIdentity, StragglerReport, ThroughputReport
 
 SECRET_NAME = re.compile(r"(SECRET|TOKEN|PASSWORD|API_KEY|ACCESS_KEY|SESSION_KEY|CREDENTIAL)", re.I)

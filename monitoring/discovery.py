@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from monitoring.config import MonitoringConfig
+from configs.monitoring_config import MonitoringConfig
 
 TARGETS_DIR_NAME = "prometheus-targets"
 RANK_JOB = "hyperlaunch-ranks"

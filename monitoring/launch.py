@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from launcher.schema import RootConfig
+from configs.schema import RootConfig
 from monitoring import discovery
 
 PROMETHEUS_FILE = "prometheus.yml"

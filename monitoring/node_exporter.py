@@ -55,7 +55,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
     args = parser.parse_args(argv)
 
-    from launcher.loading import load_run_config
+    from configs.loading import load_run_config
 
     root = load_run_config(Path(args.run_dir) / "config.yaml")
     m, c = root.monitoring, root.cluster

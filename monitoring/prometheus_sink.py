@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Summary, push_t
 
 from monitoring import discovery
 from monitoring import names as n
-from monitoring.config import MonitoringConfig
+from configs.monitoring_config import MonitoringConfig
 from monitoring.events import (CheckpointEvent, Operation, Outcome, RankIdentity, RunInfo, StepSample,
                                StragglerReport, ThroughputReport)
 from monitoring.sinks import MetricSink

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from statistics import median, median_low
 from typing import Iterable, Sequence
 
-from monitoring.config import StragglerConfig
+from configs.monitoring_config import StragglerConfig
 from monitoring.events import RankIdentity, RankScore, StragglerReport, ThroughputReport
 
 

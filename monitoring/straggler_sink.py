@@ -13,7 +13,7 @@ import sys
 from typing import Callable, Optional
 
 from monitoring.alerts import straggler_alerts, throughput_alert
-from monitoring.config import StragglerConfig
+from configs.monitoring_config import StragglerConfig
 from monitoring.events import Alert, RankIdentity, StepSample
 from monitoring.sinks import MetricSink
 from monitoring.straggler import RankWindow, StragglerDetector, ThroughputWatch, window_median

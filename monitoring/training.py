@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from launcher.schema import RootConfig
+from configs.schema import RootConfig
 from monitoring.alerts import FailureBoard, RateLimiter, describe_error, log_tail, redact
 from monitoring.events import Alert, CheckpointEvent, Level, Outcome, RankIdentity, RunInfo, StepSample
 from monitoring.node_exporter import STARTED_ENV

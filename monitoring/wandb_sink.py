@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 from urllib.parse import urlparse
 
 from monitoring.alerts import FailureBoard, clip, redact
-from monitoring.config import MonitoringConfig
+from configs.monitoring_config import MonitoringConfig
 from monitoring.events import (Alert, CheckpointEvent, Level, Outcome, RunInfo, StepSample, StragglerReport,
                                ThroughputReport)
 from monitoring.sinks import MetricSink

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from launcher.loading import to_root
-from launcher.schema import RootConfig, register_configs
+from configs.loading import to_root
+from configs.schema import RootConfig, register_configs
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 register_configs()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from cluster.sbatch import JobPlan, job_name_slug, render_sbatch, render_step
-from launcher.schema import ClusterConfig
+from configs.schema import ClusterConfig
 
 HOSTILE = ["a'; touch PWNED; echo '", "a\ntouch PWNED", "$(touch PWNED)", "`touch PWNED`", 'x" ; touch PWNED ; "']
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("launcher", "cluster", "memory_predictor", "checkpointing", "monitoring", "trainer")
+PACKAGES = ("configs", "launcher", "cluster", "memory_predictor", "checkpointing", "monitoring", "trainer")
 
 
 @pytest.mark.timeout(600)

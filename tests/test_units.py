@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 
 from cluster.hostlist import expand_hostlist
 from launcher.rundir import create_run_dir, new_run_dir_path
-from launcher.validate import ConfigError, derived_dp, parse_time_limit, train_steps, validate
+from configs.derived import derived_dp, parse_time_limit, train_steps
+from configs.errors import ConfigError
+from configs.validate import validate
 from tests.compose import compose_root
 
 

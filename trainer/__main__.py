@@ -12,6 +12,21 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # megatron must not be imported before cpu_compat.activate()
+    from configs.schema import RootConfig
+    from trainer.callbacks import TrainingCallback
+    from trainer.distributed import Layout
+
+
+def plugins(cfg: RootConfig, layout: Layout) -> list[TrainingCallback]:
+    """The loop's plugins, composed here: checkpointing first (it may resume), then monitoring."""
+    from checkpointing.training import make_callback as checkpoint_callback
+    from monitoring.training import make_callback as monitoring_callback
+
+    made = (checkpoint_callback(cfg, layout), monitoring_callback(cfg, layout))
+    return [cb for cb in made if cb is not None]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     if cpu_compat.activate():  # before megatron is imported: it binds torch.cuda functions at import
         megatron_noise.silence_cpu_only()
 
-    from launcher.loading import load_run_config
-    from launcher.validate import ConfigError
+    from configs.loading import load_run_config
+    from configs.errors import ConfigError
 
     try:
         cfg = load_run_config(args.config)
@@ -46,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault(RUN_DIR_ENV, str(Path(args.config).resolve().parent))
     try:
         preflight(cfg, rank=int(os.environ.get("RANK", "0")))  # bad checkpoint settings fail before the model is built
-        train(cfg)
+        train(cfg, make_callbacks=plugins)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -3,15 +3,16 @@
 The loop calls, in order: ``on_train_start`` (a checkpoint callback may restore state and
 set ``state.step``), ``on_step_end`` after every optimizer step, and ``on_train_end`` once
 (``finished=False`` when a stop was requested; ``error`` set when training raised). Callbacks are
-built by their own packages from the typed config; the loop knows only this protocol.
+built by their own packages from the typed config (checkpointing.training, monitoring.training)
+and composed by the entry point (``python -m trainer``); the loop knows only this protocol.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
-from launcher.schema import RootConfig
+from configs.schema import RootConfig
 from trainer.distributed import Layout
 
 
@@ -59,10 +60,9 @@ class TrainingCallback(Protocol):
         """``error`` is set when training raised: do not start collectives (peers may be gone)."""
 
 
-def build_callbacks(cfg: RootConfig, layout: Layout) -> list[TrainingCallback]:
-    """Checkpointing first (it may resume), then monitoring."""
-    from checkpointing.training import make_callback as checkpoint_callback
-    from monitoring.training import make_callback as monitoring_callback
+CallbackFactory = Callable[[RootConfig, Layout], "list[TrainingCallback]"]
+"""Builds this rank's callbacks once the process group exists (the entry point supplies it)."""
 
-    made = (checkpoint_callback(cfg, layout), monitoring_callback(cfg, layout))
-    return [cb for cb in made if cb is not None]
+
+def no_callbacks(cfg: RootConfig, layout: Layout) -> list[TrainingCallback]:
+    return []

@@ -23,8 +23,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from launcher.schema import DataConfig, TrainingConfig
-from launcher.validate import ConfigError, Problem
+from configs.schema import DataConfig, TrainingConfig
+from configs.errors import ConfigError, Problem
 from trainer.tokenize import BYTE_EOD
 
 MAX_STRIDE = 8

@@ -12,8 +12,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-from launcher.schema import ParallelismConfig
-from launcher.validate import ConfigError, Problem
+from configs.schema import ParallelismConfig
+from configs.errors import ConfigError, Problem
 
 
 @dataclass(frozen=True)

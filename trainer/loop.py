@@ -13,11 +13,12 @@ import torch.distributed as dist
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from cluster.gpus import gpu_type
-from launcher.schema import RootConfig
-from launcher.validate import padded_vocab_size, train_steps
+from configs.hardware import gpu_type
+from configs.schema import RootConfig
+from configs.derived import padded_vocab_size, train_steps
+from memory_predictor import flops
 from trainer import control, metrics
-from trainer.callbacks import StepReport, TrainState, build_callbacks
+from trainer.callbacks import CallbackFactory, StepReport, TrainState, no_callbacks
 from trainer.timing import StepTimer
 from trainer.data import build_source, microbatches
 from trainer.distributed import Layout, init_distributed, shutdown
@@ -31,8 +32,10 @@ class TrainResult:
     losses: list[float]  # global mean loss of every step (the same on every rank)
 
 
-def train(cfg: RootConfig) -> TrainResult:
-    """Train ``launcher.validate.train_steps(cfg)`` steps; rank 0 prints one line per step."""
+def train(cfg: RootConfig, make_callbacks: CallbackFactory = no_callbacks) -> TrainResult:
+    """Train ``configs.derived.train_steps(cfg)`` steps; rank 0 prints one line per step.
+
+    ``make_callbacks(cfg, layout)`` builds the plugins (checkpointing first: it may resume)."""
     t, m, par = cfg.training, cfg.model, cfg.parallelism
     layout = init_distributed(par, t.seed)
     device = torch.device("cpu") if layout.gloo else torch.device("cuda", layout.local_rank)
@@ -53,7 +56,7 @@ def train(cfg: RootConfig) -> TrainResult:
     source = build_source(t, m.vocab_size, total_steps)
     forward_backward = get_forward_backward_func()
     num_microbatches = t.global_batch_size // (t.micro_batch_size * layout.dp_size)
-    flops_per_step = metrics.model_flops_per_step(metrics.FlopsShape(
+    flops_per_step = flops.model_flops_per_step(flops.FlopsShape(
         num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size,
         num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
         padded_vocab_size=padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by),
@@ -63,7 +66,7 @@ def train(cfg: RootConfig) -> TrainResult:
     forward_step = partial(_forward_step, device=device, timer=timer)
     state = TrainState(cfg=cfg, layout=layout, model=model, optimizer=optimizer, lr_schedule=lr_schedule,
                        total_steps=total_steps)
-    callbacks = build_callbacks(cfg, layout)
+    callbacks = make_callbacks(cfg, layout)
     for callback in callbacks:
         callback.on_train_start(state)  # a checkpoint callback may resume: state.step > 0
 
@@ -148,11 +151,11 @@ def _run_steps(state: TrainState, callbacks: list, timer: StepTimer, forward_ste
         losses.append(loss)
         state.step = step
 
-        achieved = metrics.tflops_per_gpu(flops_per_step, elapsed, layout.world_size)
+        achieved = flops.tflops_per_gpu(flops_per_step, elapsed, layout.world_size)
         report = StepReport(
             step=step, total_steps=total_steps, loss=loss, grad_norm=None if grad_norm is None else float(grad_norm),
             lr=lr, step_time_s=elapsed, tokens_per_s=t.global_batch_size * t.seq_length / elapsed,
-            tflops_per_gpu=achieved, mfu_percent=metrics.mfu_percent(achieved, peak_tflops),
+            tflops_per_gpu=achieved, mfu_percent=flops.mfu_percent(achieved, peak_tflops),
             compute_s=timer.compute_s(), data_wait_s=timer.data_wait_s)
         if layout.rank == 0 and (step % t.log_interval == 0 or step == total_steps):
             print(metrics.format_step_line(metrics.StepMetrics(

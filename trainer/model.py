@@ -20,8 +20,9 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-from launcher.schema import ModelConfig, ParallelismConfig
-from launcher.validate import ConfigError, Problem, padded_vocab_size
+from configs.schema import ModelConfig, ParallelismConfig
+from configs.derived import padded_vocab_size
+from configs.errors import ConfigError, Problem
 from trainer.param_init import initialize_layout_independent
 
 _DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -9,7 +9,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from launcher.schema import ParallelismConfig, TrainingConfig
+from configs.schema import ParallelismConfig, TrainingConfig
 
 try:  # megatron-core >= 0.15: norms and biases skip weight decay through explicit overrides
     from megatron.core.optimizer import get_standard_config_overrides

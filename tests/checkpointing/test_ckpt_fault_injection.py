@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from checkpointing.s3 import S3Location, read_index, read_manifest
-from checkpointing.config import S3Config
+from configs.checkpoint_config import S3Config
 from ckpt_harness import TINY, Run, committed_steps, losses, resumed_step, run, start, wait_for
 from s3_services import MotoServer
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from checkpointing.config import S3Config
+from configs.checkpoint_config import S3Config
 from checkpointing.manifest import Manifest, file_entry
 from checkpointing.replicate import Journal, Replicator, fetch_step
 from checkpointing.s3 import S3Location, read_index

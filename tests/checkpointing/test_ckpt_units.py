@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from checkpointing.config import CheckpointConfig, S3Config, check
+from configs.checkpoint_config import CheckpointConfig, S3Config, check
 from checkpointing.manifest import (FileEntry, HashingWriter, Manifest, ManifestError, crc32_combine, file_entry,
                                     read_manifest)
 from checkpointing.preflight import check_compatible, check_writable
@@ -58,8 +58,8 @@ def test_yaml_defaults_match_schema() -> None:
 
 def test_credentials_are_not_a_config_field() -> None:
     from tests.compose import compose_raw
-    from launcher.loading import to_root
-    from launcher.validate import ConfigError
+    from configs.loading import to_root
+    from configs.errors import ConfigError
 
     from omegaconf import OmegaConf
 

@@ -38,7 +38,7 @@ def main() -> int:
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
     from megatron.core.transformer.transformer_block import TransformerBlock
 
-    from launcher.schema import ModelConfig, ParallelismConfig
+    from configs.schema import ModelConfig, ParallelismConfig
     from trainer.model import _layer_stack_spec, transformer_config
 
     dist.init_process_group("gloo", rank=0, world_size=1)

@@ -15,7 +15,7 @@ from typing import Iterator
 
 import pytest
 
-from monitoring.config import MonitoringConfig
+from configs.monitoring_config import MonitoringConfig
 from monitoring.discovery import scrape_config
 from monitoring.launch import rule_files
 from tests.monitoring.services import Prometheus, Pushgateway, free_port_block

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import trainer_harness  # noqa: F401  (puts the repo root on sys.path)
+from memory_predictor import flops
 from trainer import metrics
 from trainer.data import SyntheticSource
 
@@ -19,11 +20,11 @@ pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning:megatron"),
 
 # ---------------------------------------------------------------------------- metrics
 
-LLAMA3_8B = metrics.FlopsShape(num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32,
+LLAMA3_8B = flops.FlopsShape(num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32,
                                num_query_groups=8, padded_vocab_size=128256, seq_length=8192)
 
 
-def _matmul_flops_per_sequence(m: metrics.FlopsShape) -> float:
+def _matmul_flops_per_sequence(m: flops.FlopsShape) -> float:
     """Forward GEMM FLOPs counted matrix by matrix, times 3 for forward + backward."""
     s, h, d = m.seq_length, m.hidden_size, m.head_size
     q, kv = m.num_attention_heads * d, m.num_query_groups * d
@@ -37,32 +38,32 @@ def _matmul_flops_per_sequence(m: metrics.FlopsShape) -> float:
 
 @pytest.mark.parametrize("shape", [
     LLAMA3_8B,
-    metrics.FlopsShape(num_layers=4, hidden_size=64, ffn_hidden_size=176, num_attention_heads=4,
+    flops.FlopsShape(num_layers=4, hidden_size=64, ffn_hidden_size=176, num_attention_heads=4,
                        num_query_groups=2, padded_vocab_size=384, seq_length=64),
-    metrics.FlopsShape(num_layers=80, hidden_size=8192, ffn_hidden_size=28672, num_attention_heads=64,
+    flops.FlopsShape(num_layers=80, hidden_size=8192, ffn_hidden_size=28672, num_attention_heads=64,
                        num_query_groups=8, padded_vocab_size=128256, seq_length=4096),
 ])
-def test_model_flops_match_gemm_by_gemm_count(shape: metrics.FlopsShape) -> None:
-    assert metrics.model_flops_per_step(shape, 3) == pytest.approx(3 * _matmul_flops_per_sequence(shape), rel=1e-12)
+def test_model_flops_match_gemm_by_gemm_count(shape: flops.FlopsShape) -> None:
+    assert flops.model_flops_per_step(shape, 3) == pytest.approx(3 * _matmul_flops_per_sequence(shape), rel=1e-12)
 
 
 def test_llama3_8b_flops_per_token_is_about_6n_plus_attention() -> None:
-    per_token = metrics.model_flops_per_step(LLAMA3_8B, 1) / LLAMA3_8B.seq_length
+    per_token = flops.model_flops_per_step(LLAMA3_8B, 1) / LLAMA3_8B.seq_length
     assert 6 * 8.0e9 < per_token < 6 * 8.0e9 + 12 * 32 * 4096 * 8192 * 1.01  # 6N + 12 L h s
 
 
 def test_recompute_counts_only_as_hardware_flops() -> None:
-    model = metrics.model_flops_per_step(LLAMA3_8B, 4)
-    assert metrics.hardware_flops_per_step(LLAMA3_8B, 4, "none") == model
-    selective = metrics.hardware_flops_per_step(LLAMA3_8B, 4, "selective")
-    full = metrics.hardware_flops_per_step(LLAMA3_8B, 4, "full")
+    model = flops.model_flops_per_step(LLAMA3_8B, 4)
+    assert flops.hardware_flops_per_step(LLAMA3_8B, 4, "none") == model
+    selective = flops.hardware_flops_per_step(LLAMA3_8B, 4, "selective")
+    full = flops.hardware_flops_per_step(LLAMA3_8B, 4, "full")
     assert model < selective < full < model * 4 / 3
 
 
 def test_mfu() -> None:
-    assert metrics.tflops_per_gpu(989e12 * 8 * 2.0, 2.0, 8) == pytest.approx(989.0)
-    assert metrics.mfu_percent(400.0, 989.0) == pytest.approx(40.4449, rel=1e-4)
-    assert metrics.mfu_percent(1.0, None) is None
+    assert flops.tflops_per_gpu(989e12 * 8 * 2.0, 2.0, 8) == pytest.approx(989.0)
+    assert flops.mfu_percent(400.0, 989.0) == pytest.approx(40.4449, rel=1e-4)
+    assert flops.mfu_percent(1.0, None) is None
 
 
 def test_step_line_format_and_parse_round_trip() -> None:
@@ -105,8 +106,8 @@ def test_global_parameter_names() -> None:
 
 
 def test_context_parallel_is_refused_with_the_local_layers() -> None:
-    from launcher.schema import ModelConfig, ParallelismConfig
-    from launcher.validate import ConfigError
+    from configs.schema import ModelConfig, ParallelismConfig
+    from configs.errors import ConfigError
     from trainer.model import transformer_config
 
     model = ModelConfig(name="t", num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,

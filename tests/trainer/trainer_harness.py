@@ -21,8 +21,8 @@ def write_config(run_dir: Path, overrides: list[str]) -> Path:
     """Compose configs/launcher.yaml (+ overrides) the way the launcher does, dump it to run_dir."""
     from hydra import compose, initialize_config_dir
 
-    from launcher.loading import dump_config, to_root
-    from launcher.schema import register_configs
+    from configs.loading import dump_config, to_root
+    from configs.schema import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(REPO_ROOT / "configs"), version_base=None):

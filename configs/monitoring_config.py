@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
-AddProblem = Callable[[str, object, str], None]
+from configs.errors import AddProblem
 
 WANDB_MODES = ("online", "offline")
 NODE_EXPORTER_MODES = ("auto", "on", "off")

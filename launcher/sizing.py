@@ -18,22 +18,22 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
 
+from configs.derived import derived_dp
+from configs.errors import ConfigError, Problem
+from configs.schema import RootConfig
+from configs.validate import validate
 from memory_predictor.cli import evaluation_json
 from memory_predictor.constants import GIB
 from memory_predictor.errors import PredictorError
 from memory_predictor.search import SearchResult, search
 from memory_predictor.spec import Hardware, Layout, ModelSpec, Options, TrainSpec, hardware
 
-if TYPE_CHECKING:  # the launcher's schema pulls in omegaconf; the predictor core must not
-    from launcher.schema import RootConfig
-
 PREDICTION_FILE = "prediction.json"
 SEARCH_FILE = "layout_search.json"
 
 
-def model_spec(root: "RootConfig") -> ModelSpec:
+def model_spec(root: RootConfig) -> ModelSpec:
     m = root.model
     return ModelSpec(name=m.name, num_layers=m.num_layers, hidden_size=m.hidden_size,
                      ffn_hidden_size=m.ffn_hidden_size, num_attention_heads=m.num_attention_heads,
@@ -41,7 +41,7 @@ def model_spec(root: "RootConfig") -> ModelSpec:
                      make_vocab_size_divisible_by=m.make_vocab_size_divisible_by, tie_embeddings=m.tie_embeddings)
 
 
-def options(root: "RootConfig") -> Options:
+def options(root: RootConfig) -> Options:
     par = root.parallelism
     base = Options(precision=root.training.precision, overlap_grad_reduce=par.overlap_grad_reduce,
                    overlap_param_gather=par.overlap_param_gather, usable_fraction=par.usable_memory_fraction,
@@ -51,13 +51,12 @@ def options(root: "RootConfig") -> Options:
     return base
 
 
-def device(root: "RootConfig") -> Hardware:
+def device(root: RootConfig) -> Hardware:
     c = root.cluster
     return hardware(c.gpu_type, memory_gib=root.parallelism.memory_gib, nodes=c.nodes, gpus_per_node=c.gpus_per_node)
 
 
-def layout_of(root: "RootConfig") -> tuple[Layout, TrainSpec]:
-    from launcher.validate import derived_dp
+def layout_of(root: RootConfig) -> tuple[Layout, TrainSpec]:
 
     par, t = root.parallelism, root.training
     layout = Layout(tp=par.tp, pp=par.pp, vpp=par.vpp or 1, cp=par.cp, dp=derived_dp(root) or 1,
@@ -67,13 +66,13 @@ def layout_of(root: "RootConfig") -> tuple[Layout, TrainSpec]:
                              global_batch_size=t.global_batch_size)
 
 
-def _search(root: "RootConfig") -> SearchResult:
+def search_layouts(root: RootConfig) -> SearchResult:
     return search(model_spec(root), root.training.seq_length, root.training.global_batch_size, device(root),
                   options(root), max_mbs=max(8, root.training.micro_batch_size),
                   cpu_trainer=root.cluster.gpu_type == "cpu")
 
 
-def with_layout(root: "RootConfig", layout: Layout, train: TrainSpec) -> "RootConfig":
+def with_layout(root: RootConfig, layout: Layout, train: TrainSpec) -> RootConfig:
     """The config with this layout and micro batch written in, as an explicit (manual) layout."""
     par = replace(root.parallelism, mode="manual", tp=layout.tp, pp=layout.pp,
                   vpp=layout.vpp if layout.vpp > 1 else None, cp=layout.cp, dp=layout.dp,
@@ -84,23 +83,20 @@ def with_layout(root: "RootConfig", layout: Layout, train: TrainSpec) -> "RootCo
     return replace(root, parallelism=par, training=replace(root.training, micro_batch_size=train.micro_batch_size))
 
 
-def apply_predictor(root: "RootConfig") -> tuple["RootConfig", dict[str, str], list[str]]:
+def apply_predictor(root: RootConfig) -> tuple[RootConfig, dict[str, str], list[str]]:
     """(config to launch, extra run-dir files, messages for the user); ConfigError when refused."""
-    from launcher.validate import ConfigError, Problem, validate
-
     try:
         if root.parallelism.mode == "auto":
-            return _resolve_auto(root, validate)
+            return _resolve_auto(root)
         return _check_manual(root)
     except PredictorError as exc:  # e.g. a GPU type the predictor has no bandwidths for
         raise ConfigError([Problem(f"parallelism ({p.field})", p.value, p.fix) for p in exc.problems]) from None
 
 
-def _resolve_auto(root: "RootConfig", validate: Any) -> tuple["RootConfig", dict[str, str], list[str]]:
-    from launcher.validate import ConfigError, Problem
+def _resolve_auto(root: RootConfig) -> tuple[RootConfig, dict[str, str], list[str]]:
 
     hw = device(root)
-    result = _search(root)
+    result = search_layouts(root)
     if not result.ranked:
         raise ConfigError([Problem("parallelism.mode", "auto",
                                    f"no layout of {model_spec(root).name} fits {hw.nodes} x {hw.gpus_per_node} "
@@ -123,8 +119,7 @@ def _resolve_auto(root: "RootConfig", validate: Any) -> tuple["RootConfig", dict
                     PREDICTION_FILE: json.dumps(step, indent=2) + "\n"}, [message]
 
 
-def _check_manual(root: "RootConfig") -> tuple["RootConfig", dict[str, str], list[str]]:
-    from launcher.validate import ConfigError, Problem
+def _check_manual(root: RootConfig) -> tuple[RootConfig, dict[str, str], list[str]]:
 
     layout, train = layout_of(root)
     model, opts, hw = model_spec(root), options(root), device(root)
@@ -141,7 +136,7 @@ def _check_manual(root: "RootConfig") -> tuple["RootConfig", dict[str, str], lis
                f"{hw.memory_bytes / GIB:.0f} GiB) [GiB: {parts}]")
     if root.parallelism.allow_oom:
         return root, files, [f"warning: {summary}; launching anyway (parallelism.allow_oom=true)"]
-    result = _search(root)
+    result = search_layouts(root)
     if result.best is not None:
         b = result.best
         suggestion = (f"try tp={b.layout.tp} pp={b.layout.pp} vpp={b.layout.vpp if b.layout.vpp > 1 else 'null'} "

@@ -8,8 +8,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from launcher.schema import RootConfig
-from launcher.validate import ConfigError, Problem, validate
+from configs.schema import RootConfig
+from configs.errors import ConfigError, Problem
+from configs.validate import validate
 
 
 def to_root(cfg: DictConfig | dict[str, Any]) -> RootConfig:

@@ -1,7 +1,9 @@
-"""GPU catalogue: memory and peak dense throughput per accelerator type.
+"""Hardware catalogues the config is checked against: GPU types and AWS GPU instances.
 
-Peak numbers are the vendor's dense (no sparsity) tensor-core figures; MFU divides
+GPU peak numbers are the vendor's dense (no sparsity) tensor-core figures; MFU divides
 achieved model FLOP/s by these. ``cpu`` has no meaningful peak, so MFU is not reported.
+Instances carry what validation needs (GPU type and count, EFA devices); the NCCL/EFA
+environment each one gets lives with the script renderer (cluster.instances).
 """
 
 from __future__ import annotations
@@ -39,3 +41,28 @@ def gpu_type(name: str) -> GpuType:
         return GPU_TYPES[name]
     except KeyError:
         raise KeyError(f"unknown GPU type {name!r}; valid: {', '.join(GPU_TYPES)}") from None
+
+
+@dataclass(frozen=True)
+class InstanceType:
+    name: str
+    gpu_type: str
+    gpus: int
+    efa_devices: int
+
+
+INSTANCE_TYPES: dict[str, InstanceType] = {
+    i.name: i
+    for i in (
+        InstanceType("p5.48xlarge", "h100-80gb", 8, 32),
+        InstanceType("p5e.48xlarge", "h200-141gb", 8, 32),
+        InstanceType("p5en.48xlarge", "h200-141gb", 8, 16),
+        InstanceType("p4de.24xlarge", "a100-80gb", 8, 4),
+        InstanceType("p4d.24xlarge", "a100-40gb", 8, 4),
+    )
+}
+
+
+def lookup_instance(name: str) -> InstanceType | None:
+    """Find an instance by its EC2 or HyperPod (``ml.``-prefixed) name."""
+    return INSTANCE_TYPES.get(name.removeprefix("ml."))

@@ -3,7 +3,7 @@
 Each component receives only its own part (``ModelConfig`` for the model builder,
 ``ClusterConfig`` for the renderer and backends, ...). Hydra merges the YAML files under
 ``configs/`` onto these dataclasses, so an unknown key or a wrong type is refused while
-the config is composed; cross-field rules live in ``launcher.validate``.
+the config is composed; cross-field rules live in ``configs.validate``.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Optional
 
 from omegaconf import MISSING
 
-from checkpointing.config import CheckpointConfig
-from monitoring.config import MonitoringConfig
+from configs.checkpoint_config import CheckpointConfig
+from configs.monitoring_config import MonitoringConfig
 
 __all__ = ["ModelConfig", "ClusterConfig", "DataConfig", "TrainingConfig", "ParallelismConfig",
            "CheckpointConfig", "MonitoringConfig", "RootConfig", "register_configs"]

@@ -6,21 +6,18 @@ the filesystem or Slurm, so a refused config leaves nothing behind.
 
 from __future__ import annotations
 
-import math
 import re
-from dataclasses import dataclass
 
-from checkpointing import config as checkpoint_config
-from cluster.gpus import GPU_TYPES
-from monitoring import config as monitoring_config
-from cluster.instances import lookup_instance
-from launcher.schema import RootConfig
+from configs import checkpoint_config, monitoring_config
+from configs.derived import derived_dp, padded_vocab_size, parse_time_limit
+from configs.errors import ConfigError, Problem
+from configs.hardware import GPU_TYPES, lookup_instance
+from configs.schema import RootConfig
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SECRET_NAME = re.compile(r"(SECRET|TOKEN|PASSWORD|API_KEY|ACCESS_KEY|SESSION_KEY|CREDENTIAL)", re.I)
 _DEP_ITEM = r"(?:singleton|after(?:any|ok|notok|corr|burstbuffer)?:\d+(?:_\d+)?(?:\+\d+)?(?::\d+(?:_\d+)?(?:\+\d+)?)*)"
 _DEPENDENCY = re.compile(rf"^{_DEP_ITEM}(?:[,?]{_DEP_ITEM})*$")
-_TIME = re.compile(r"^(?:(\d+)-)?(\d+):(\d{2}):(\d{2})$|^(\d+)$")
 # characters that sbatch's own #SBATCH parser or its %-patterns would misread in a path
 _UNSAFE_HEADER_PATH = re.compile(r"[\s'\"\\%$`;&|<>]")
 
@@ -30,55 +27,6 @@ PRECISIONS = ("bf16", "fp16", "fp32")
 RECOMPUTE = ("none", "selective", "full")
 DECAY = ("constant", "linear", "cosine")
 DATA_SOURCES = ("synthetic", "indexed")
-
-
-@dataclass(frozen=True)
-class Problem:
-    field: str
-    value: object
-    fix: str
-
-    def __str__(self) -> str:
-        return f"{self.field} = {self.value!r}: {self.fix}"
-
-
-class ConfigError(Exception):
-    """A user mistake in the config. Printed without a traceback; exit status 2."""
-
-    def __init__(self, problems: list[Problem]):
-        self.problems = problems
-        lines = [f"invalid configuration ({len(problems)} problem{'s' * (len(problems) > 1)}):"]
-        lines += [f"  - {p}" for p in problems]
-        super().__init__("\n".join(lines))
-
-
-def parse_time_limit(value: str) -> int | None:
-    """Slurm time limit ``[D-]HH:MM:SS`` or minutes -> seconds; None when malformed."""
-    m = _TIME.match(value.strip())
-    if not m:
-        return None
-    if m.group(5) is not None:
-        return int(m.group(5)) * 60
-    days, hours, minutes, seconds = (int(g or 0) for g in m.groups()[:4])
-    if minutes >= 60 or seconds >= 60:
-        return None
-    return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
-
-
-def padded_vocab_size(vocab: int, divisible_by: int) -> int:
-    return int(math.ceil(vocab / divisible_by) * divisible_by)
-
-
-def derived_dp(cfg: RootConfig) -> int | None:
-    """Data-parallel size implied by the world size, or the explicit one."""
-    p = cfg.parallelism
-    if p.dp is not None:
-        return p.dp
-    world = cfg.cluster.nodes * cfg.cluster.gpus_per_node
-    model_parallel = p.tp * p.pp * p.cp
-    if model_parallel <= 0 or world % model_parallel:
-        return None
-    return world // model_parallel
 
 
 def validate(cfg: RootConfig) -> None:
@@ -314,14 +262,6 @@ def _check_training(cfg: RootConfig, add) -> None:
     if t.train_tokens is not None and t.train_tokens < t.global_batch_size * t.seq_length:
         add("training.train_tokens", t.train_tokens,
             f"is less than one step ({t.global_batch_size * t.seq_length} tokens)")
-
-
-def train_steps(cfg: RootConfig) -> int:
-    t = cfg.training
-    if t.train_steps is not None:
-        return t.train_steps
-    tokens = t.train_tokens or 0  # validate() guarantees one of the two is set
-    return max(1, tokens // (t.global_batch_size * t.seq_length))
 
 
 def _divisors(n: int, cap: int) -> list[int]:
