@@ -42,6 +42,11 @@ class Manifest:
     created_unix: float = 0.0
     format: str = FORMAT
     optimizer_format: str = "fully_reshardable"  # megatron's distributed-optimizer sharding type
+    # self-description for tools that read a step without its run (export_hf, init_from):
+    model_config: dict[str, Any] = field(default_factory=dict)  # the full configs.schema.ModelConfig
+    tokenizer: Optional[str] = None  # the Hugging Face tokenizer directory the run used, if any
+    # data provenance: per blend source, samples and tokens consumed up to this step
+    data: dict[str, Any] = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
@@ -63,7 +68,9 @@ class Manifest:
             return cls(step=int(raw["step"]), files=files, consumed_samples=int(raw["consumed_samples"]),
                        model=dict(raw["model"]), layout=dict(raw["layout"]), training=dict(raw.get("training", {})),
                        created_unix=float(raw.get("created_unix", 0.0)), format=raw["format"],
-                       optimizer_format=str(raw.get("optimizer_format", "fully_reshardable")))
+                       optimizer_format=str(raw.get("optimizer_format", "fully_reshardable")),
+                       model_config=dict(raw.get("model_config") or {}), tokenizer=raw.get("tokenizer"),
+                       data=dict(raw.get("data") or {}))
         except ManifestError:
             raise
         except (ValueError, KeyError, TypeError, AttributeError) as exc:

@@ -25,7 +25,8 @@ from megatron.core import parallel_state
 from checkpointing.preflight import checkpoint_root
 from checkpointing.replicator_process import ReplicatorProcess
 from checkpointing.resume import choose_step, load
-from checkpointing.signature import layout_signature, model_signature, training_signature
+from checkpointing.signature import (data_consumption, layout_signature, model_signature, tokenizer_dir,
+                                     training_signature)
 from checkpointing.state import DP_RESHARDABLE, FULLY_RESHARDABLE, sharded_state_dict
 from checkpointing.status import (SAVE_STATUS_NAME, ReplicationWatch, SaveStatus, read_replication_status,
                                   write_json_atomic)
@@ -158,6 +159,9 @@ class CheckpointCallback:
             "layout": layout_signature(self.root_cfg, self.layout.world_size, self.layout.dp_size),
             "training": training_signature(self.root_cfg),
             "optimizer_format": optimizer_format,
+            "model_config": asdict(self.root_cfg.model),
+            "tokenizer": tokenizer_dir(self.root_cfg),
+            "data": data_consumption(state),
         }
         writer.start(state.step, sharded_state_dict(state, optimizer_format=optimizer_format), manifest_fields,
                           live=live_storages(state.model, state.optimizer), stage=not blocking,

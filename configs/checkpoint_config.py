@@ -17,6 +17,22 @@ _REGION = re.compile(r"^[a-z]{2}(-[a-z0-9]+)+-\d+$")
 OPTIMIZER_FORMATS = ("auto", "dp_reshardable", "fully_reshardable")
 MIN_PART_MB = 5  # S3's smallest multipart part (except the last)
 MAX_PART_MB = 5 * 1024
+EXPORT_DTYPES = ("bf16", "fp16", "fp32")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.I)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int | None:
+    """``5GB`` (10^9, as Hugging Face writes shard sizes), ``2GiB``, ``500MB`` or bytes; None when malformed."""
+    match = _SIZE.match(str(text))
+    if not match:
+        return None
+    unit = (match.group(2) or "").upper()
+    if unit not in _UNITS:
+        return None
+    size = int(float(match.group(1)) * _UNITS[unit])
+    return size if size > 0 else None
 
 
 @dataclass
@@ -49,6 +65,12 @@ class CheckpointConfig:
     # the whole optimizer state on every save. auto: periodic saves dp_reshardable, the final and
     # stop saves (synchronous anyway, and the ones a layout change resumes from) fully_reshardable
     optimizer_format: str = "auto"
+    # weights-only start: a Hugging Face model directory, a checkpoint directory, a step directory
+    # or a run directory of ours (its newest committed step). The run's own checkpoint wins on resume.
+    init_from: Optional[str] = None
+    export_hf: bool = False  # write <run dir>/hf_export (Hugging Face format) when training finishes
+    export_dtype: str = "bf16"  # bf16 | fp16 | fp32
+    export_max_shard_size: str = "5GB"
     s3: S3Config = field(default_factory=S3Config)
 
     @property
@@ -78,6 +100,13 @@ def check(cfg: CheckpointConfig, add: AddProblem) -> None:
         elif "://" in cfg.dir:
             add("checkpoint.dir", cfg.dir, "must be a path on the shared filesystem (e.g. /fsx/...); "
                 "replicate to S3 with checkpoint.s3.bucket / checkpoint.s3.prefix")
+    if cfg.init_from is not None and not str(cfg.init_from).strip():
+        add("checkpoint.init_from", cfg.init_from, "must be a directory (a Hugging Face model, a checkpoint or "
+            "run directory of ours), or null to start from random weights")
+    if cfg.export_dtype not in EXPORT_DTYPES:
+        add("checkpoint.export_dtype", cfg.export_dtype, f"must be one of {', '.join(EXPORT_DTYPES)}")
+    if parse_size(cfg.export_max_shard_size) is None:
+        add("checkpoint.export_max_shard_size", cfg.export_max_shard_size, "use a size like 5GB, 500MB or 2GiB")
     _check_s3(cfg, add)
 
 

@@ -16,13 +16,17 @@ from omegaconf import MISSING
 from configs.checkpoint_config import CheckpointConfig
 from configs.monitoring_config import MonitoringConfig
 
-__all__ = ["ModelConfig", "ClusterConfig", "DataConfig", "TrainingConfig", "ParallelismConfig",
+__all__ = ["ModelConfig", "ClusterConfig", "BlendSource", "DataConfig", "TrainingConfig", "ParallelismConfig",
            "CheckpointConfig", "MonitoringConfig", "RootConfig", "register_configs"]
 
 
 @dataclass
 class ModelConfig:
-    """Architecture of a Llama-style decoder (RMSNorm, SwiGLU, RoPE, GQA)."""
+    """Architecture of a Llama-style decoder (RMSNorm, SwiGLU, RoPE, GQA; Qwen2 adds QKV bias).
+
+    With ``hf_path`` set, every architecture field is read from ``<hf_path>/config.json``
+    (configs.hf_config); a value given here as well must agree with it.
+    """
 
     name: str = MISSING
     num_layers: int = MISSING
@@ -31,13 +35,20 @@ class ModelConfig:
     num_attention_heads: int = MISSING
     num_query_groups: int = MISSING  # KV heads (GQA groups)
     vocab_size: int = MISSING  # tokenizer vocabulary, before padding
+    head_dim: Optional[int] = None  # per-head size; null = hidden_size / num_attention_heads
     make_vocab_size_divisible_by: int = 128  # padded vocab = next multiple (must divide by TP)
     max_position_embeddings: int = 8192
     rope_theta: float = 500000.0
-    rope_scaling_factor: Optional[float] = None  # Llama 3.1 long-context RoPE scaling
+    rope_scaling_factor: Optional[float] = None  # Llama 3.x long-context RoPE scaling ("rope_type": "llama3")
+    rope_scaling_low_freq_factor: float = 1.0
+    rope_scaling_high_freq_factor: float = 4.0
+    rope_scaling_original_max_position: int = 8192
     tie_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2/2.5: biases on the Q, K and V projections
     norm_eps: float = 1e-5
     init_method_std: float = 0.02
+    hf_architecture: str = "LlamaForCausalLM"  # what an export to Hugging Face writes (or Qwen2ForCausalLM)
+    hf_path: Optional[str] = None  # a Hugging Face model directory to read the architecture from
 
 
 @dataclass
@@ -73,11 +84,22 @@ class ClusterConfig:
 
 
 @dataclass
+class BlendSource:
+    """One corpus of a weighted blend."""
+
+    path: str = MISSING  # indexed: a .bin/.idx prefix; sft: a .jsonl file or a prepared prefix
+    weight: float = 1.0  # relative; the blend's weights are normalised to sum to 1
+    name: Optional[str] = None  # label in logs and metrics; default: the file name
+
+
+@dataclass
 class DataConfig:
-    source: str = "synthetic"  # synthetic | indexed
-    paths: list[str] = field(default_factory=list)  # indexed dataset path prefixes (no .bin/.idx)
-    split: str = "100,0,0"
-    cache_dir: Optional[str] = None
+    source: str = "synthetic"  # synthetic | indexed | sft
+    blend: list[BlendSource] = field(default_factory=list)  # indexed and sft sources with weights
+    split: str = "100,0,0"  # train,valid,test shares of every source (validation needs a valid share)
+    tokenizer: Optional[str] = None  # Hugging Face tokenizer directory (sft; copied into an HF export)
+    pack_sequences: bool = True  # sft: several conversations per sequence, attention kept inside each
+    cache_dir: Optional[str] = None  # index caches and prepared SFT data; default <run dir>/data_cache
     seed: int = 1234
 
 
@@ -100,6 +122,8 @@ class TrainingConfig:
     precision: str = "bf16"  # bf16 | fp16 | fp32
     seed: int = 1234
     log_interval: int = 1
+    eval_interval: int = 0  # steps between validation passes (and after the last step); 0 = none
+    eval_iters: int = 1  # global batches per validation pass (per source)
     data: DataConfig = field(default_factory=DataConfig)
 
 

@@ -6,12 +6,14 @@ the filesystem or Slurm, so a refused config leaves nothing behind.
 
 from __future__ import annotations
 
+import math
 import re
 
 from configs import checkpoint_config, monitoring_config
 from configs.derived import derived_dp, padded_vocab_size, parse_time_limit
 from configs.errors import ConfigError, Problem
 from configs.hardware import GPU_TYPES, lookup_instance
+from configs.hf_config import SUPPORTED
 from configs.schema import RootConfig
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -26,7 +28,7 @@ BACKENDS = ("auto", "cli", "pyslurm")
 PRECISIONS = ("bf16", "fp16", "fp32")
 RECOMPUTE = ("none", "selective", "full")
 DECAY = ("constant", "linear", "cosine")
-DATA_SOURCES = ("synthetic", "indexed")
+DATA_SOURCES = ("synthetic", "indexed", "sft")
 
 
 def validate(cfg: RootConfig) -> None:
@@ -88,6 +90,19 @@ def _check_positive(cfg: RootConfig, add) -> None:
         add("training.lr_warmup_steps", t.lr_warmup_steps, "must be >= 0")
     if m.rope_theta <= 0:
         add("model.rope_theta", m.rope_theta, "must be > 0 (Llama 3 uses 500000)")
+    if m.head_dim is not None and m.head_dim <= 0:
+        add("model.head_dim", m.head_dim, "must be a positive integer, or null for hidden_size / num_attention_heads")
+    if m.rope_scaling_factor is not None:
+        if m.rope_scaling_factor <= 1:
+            add("model.rope_scaling_factor", m.rope_scaling_factor, "must be > 1 (Llama 3.1-3.3 use 8), or null")
+        if not 0 < m.rope_scaling_low_freq_factor < m.rope_scaling_high_freq_factor:
+            add("model.rope_scaling_high_freq_factor", m.rope_scaling_high_freq_factor,
+                f"must exceed rope_scaling_low_freq_factor={m.rope_scaling_low_freq_factor} > 0 (Llama 3: 1 and 4)")
+        if m.rope_scaling_original_max_position <= 0:
+            add("model.rope_scaling_original_max_position", m.rope_scaling_original_max_position,
+                "must be a positive number of positions (Llama 3: 8192)")
+    if m.hf_architecture not in SUPPORTED:
+        add("model.hf_architecture", m.hf_architecture, f"choose one of: {', '.join(SUPPORTED)}")
     if c.signal_seconds < 0:
         add("cluster.signal_seconds", c.signal_seconds, "must be >= 0 (0 disables --signal)")
 
@@ -110,9 +125,7 @@ def _check_choices(cfg: RootConfig, add) -> None:
     if (t.train_steps is None) == (t.train_tokens is None):
         add("training.train_steps", t.train_steps,
             f"set exactly one of training.train_steps and training.train_tokens (train_tokens={t.train_tokens})")
-    if t.data.source == "indexed" and not t.data.paths:
-        add("training.data.paths", list(t.data.paths),
-            "indexed data needs at least one .bin/.idx path prefix (make them with `python -m trainer.tokenize`)")
+    _check_data(cfg, add)
     if not cfg.run_name.strip():
         add("run_name", cfg.run_name, "must not be empty")
     p = cfg.parallelism
@@ -122,6 +135,61 @@ def _check_choices(cfg: RootConfig, add) -> None:
         add("parallelism.top_k", p.top_k, "must be a positive integer (alternatives recorded for parallelism=auto)")
     if p.memory_gib is not None and p.memory_gib <= 0:
         add("parallelism.memory_gib", p.memory_gib, "must be a positive number of GiB, or null for the GPU type's")
+
+
+def parse_split(split: str) -> tuple[float, float, float] | None:
+    """megatron's ``train,valid,test`` shares (normalised); None when malformed."""
+    try:
+        parts = [float(x) for x in split.replace("/", ",").split(",")]
+    except ValueError:
+        return None
+    if not parts or len(parts) > 3 or any(p < 0 or not math.isfinite(p) for p in parts) or sum(parts) <= 0:
+        return None
+    parts += [0.0] * (3 - len(parts))
+    total = sum(parts)
+    return parts[0] / total, parts[1] / total, parts[2] / total
+
+
+def _check_data(cfg: RootConfig, add) -> None:
+    t, d = cfg.training, cfg.training.data
+    if t.eval_interval < 0:
+        add("training.eval_interval", t.eval_interval, "must be >= 0 (0 = no validation)")
+    if t.eval_iters <= 0:
+        add("training.eval_iters", t.eval_iters, "must be a positive number of global batches per validation")
+    shares = parse_split(d.split)
+    if shares is None:
+        add("training.data.split", d.split, "use train,valid,test shares, e.g. 98,2,0")
+    if d.source in ("indexed", "sft") and not d.blend:
+        make = ("python -m trainer.tokenize --input ... --output-prefix PREFIX" if d.source == "indexed"
+                else "a .jsonl of {\"messages\": [...]} per line, or `python -m trainer.tokenize --sft ...`")
+        add("training.data.blend", [], f"{d.source} data needs at least one source: "
+            f"training.data.blend=[{{path: PREFIX, weight: 1.0}}] ({make})")
+    if d.source == "synthetic" and d.blend:
+        add("training.data.blend", [b.path for b in d.blend], "is only read for training.data.source=indexed or sft")
+    names: set[str] = set()
+    for i, src in enumerate(d.blend):
+        if not str(src.path).strip():
+            add(f"training.data.blend[{i}].path", src.path, "must be a path")
+        if not (isinstance(src.weight, (int, float)) and math.isfinite(src.weight) and src.weight > 0):
+            add(f"training.data.blend[{i}].weight", src.weight, "must be a positive number (weights are normalised)")
+        label = blend_name(src.path, src.name)
+        if label in names:
+            add(f"training.data.blend[{i}].name", label, "two sources share this label; set a distinct name")
+        names.add(label)
+    if d.source == "sft" and not d.tokenizer:
+        add("training.data.tokenizer", None, "sft needs a Hugging Face tokenizer directory with a chat template "
+            "(e.g. the model's own: training.data.tokenizer=/fsx/models/Llama-3.3-70B-Instruct)")
+    if t.eval_interval and d.source in ("indexed", "sft") and shares is not None and shares[1] == 0:
+        add("training.data.split", d.split, f"validation (training.eval_interval={t.eval_interval}) needs a valid "
+            "share, e.g. 98,2,0 (or set training.eval_interval=0)")
+
+
+def blend_name(path: str, name: str | None) -> str:
+    """The label of a blend source in logs and metrics: its name, else its file name."""
+    if name:
+        return name
+    base = str(path).rstrip("/").rsplit("/", 1)[-1]
+    return base.removesuffix(".jsonl") or str(path)
 
 
 def _check_cluster(cfg: RootConfig, add) -> None:
@@ -191,8 +259,9 @@ def _check_layout(cfg: RootConfig, add) -> None:
     if m.num_attention_heads % m.num_query_groups:
         add("model.num_query_groups", m.num_query_groups,
             f"must divide model.num_attention_heads={m.num_attention_heads}")
-    if m.hidden_size % m.num_attention_heads:
-        add("model.hidden_size", m.hidden_size, f"must be divisible by model.num_attention_heads={m.num_attention_heads}")
+    if m.head_dim is None and m.hidden_size % m.num_attention_heads:
+        add("model.hidden_size", m.hidden_size, f"must be divisible by model.num_attention_heads="
+            f"{m.num_attention_heads} (or set model.head_dim)")
     padded = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by)
     if padded % p.tp:
         add("model.make_vocab_size_divisible_by", m.make_vocab_size_divisible_by,
@@ -235,8 +304,9 @@ def _check_model(cfg: RootConfig, add) -> None:
     if m.num_attention_heads % m.num_query_groups:
         add("model.num_query_groups", m.num_query_groups,
             f"must divide model.num_attention_heads={m.num_attention_heads}")
-    if m.hidden_size % m.num_attention_heads:
-        add("model.hidden_size", m.hidden_size, f"must be divisible by model.num_attention_heads={m.num_attention_heads}")
+    if m.head_dim is None and m.hidden_size % m.num_attention_heads:
+        add("model.hidden_size", m.hidden_size, f"must be divisible by model.num_attention_heads="
+            f"{m.num_attention_heads} (or set model.head_dim)")
     if t.seq_length > m.max_position_embeddings and m.rope_scaling_factor is None:
         add("training.seq_length", t.seq_length, f"exceeds model.max_position_embeddings={m.max_position_embeddings}")
 
@@ -255,10 +325,11 @@ def _check_training(cfg: RootConfig, add) -> None:
     if t.global_batch_size % per_step:
         add("training.global_batch_size", t.global_batch_size,
             f"must be divisible by micro_batch_size x dp = {t.micro_batch_size} x {dp} = {per_step}")
-    elif p.vpp is not None and p.vpp > 1 and t.global_batch_size // per_step < p.pp:
+    elif p.vpp is not None and p.vpp > 1 and (t.global_batch_size // per_step) % p.pp:
+        m = t.global_batch_size // per_step
         add("training.global_batch_size", t.global_batch_size,
-            f"the interleaved schedule needs at least pp={p.pp} micro-batches per step; "
-            f"use global_batch_size >= {per_step * p.pp}")
+            f"gives {m} micro-batches per step; megatron's interleaved schedule (vpp={p.vpp}) needs a multiple of "
+            f"pp={p.pp}: use a global_batch_size that is a multiple of micro_batch_size x dp x pp = {per_step * p.pp}")
     if t.train_tokens is not None and t.train_tokens < t.global_batch_size * t.seq_length:
         add("training.train_tokens", t.train_tokens,
             f"is less than one step ({t.global_batch_size * t.seq_length} tokens)")

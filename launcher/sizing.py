@@ -38,7 +38,8 @@ def model_spec(root: RootConfig) -> ModelSpec:
     return ModelSpec(name=m.name, num_layers=m.num_layers, hidden_size=m.hidden_size,
                      ffn_hidden_size=m.ffn_hidden_size, num_attention_heads=m.num_attention_heads,
                      num_query_groups=m.num_query_groups, vocab_size=m.vocab_size,
-                     make_vocab_size_divisible_by=m.make_vocab_size_divisible_by, tie_embeddings=m.tie_embeddings)
+                     make_vocab_size_divisible_by=m.make_vocab_size_divisible_by, tie_embeddings=m.tie_embeddings,
+                     qkv_bias=m.qkv_bias, kv_channels=m.head_dim)
 
 
 def options(root: RootConfig) -> Options:

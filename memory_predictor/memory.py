@@ -124,6 +124,8 @@ def layer_params(model: ModelSpec, tp: int) -> int:
     h, f, d = model.hidden_size, model.ffn_hidden_size, model.head_dim
     a, k = model.num_attention_heads, model.num_query_groups
     sharded = (a + 2 * k) * d * h + a * d * h + 3 * h * f
+    if model.qkv_bias:
+        sharded += (a + 2 * k) * d
     return sharded // tp + 2 * h
 
 

@@ -62,7 +62,9 @@ def _from_project_yaml(path: Path) -> ModelSpec:
                      num_attention_heads=data["num_attention_heads"], num_query_groups=data["num_query_groups"],
                      vocab_size=data["vocab_size"],
                      make_vocab_size_divisible_by=data.get("make_vocab_size_divisible_by", 128),
-                     tie_embeddings=bool(data.get("tie_embeddings", False)))
+                     tie_embeddings=bool(data.get("tie_embeddings", False)),
+                     qkv_bias=bool(data.get("qkv_bias", False)),
+                     kv_channels=int(data["head_dim"]) if data.get("head_dim") else None)
     raise_if(spec.problems())
     return spec
 
@@ -100,6 +102,7 @@ def load_hf_config(path: Path) -> ModelSpec:
     spec = ModelSpec(name=str(data.get("_name_or_path") or path.parent.name or path.stem),
                      num_query_groups=int(data.get("num_key_value_heads") or data["num_attention_heads"]),
                      tie_embeddings=bool(data.get("tie_word_embeddings", False)),
+                     qkv_bias=bool(data.get("attention_bias")) or data.get("model_type") == "qwen2",
                      kv_channels=int(head_dim) if head_dim else None, **values)
     raise_if(spec.problems(prefix="config.json"))
     return spec

@@ -22,7 +22,7 @@ GPU_NAMES = tuple(n for n in GPU_TYPES if n != "cpu")
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ModelSpec:
-    """A Llama-style decoder: RMSNorm, SwiGLU (3 FFN matrices), RoPE, GQA, no biases."""
+    """A Llama-style decoder: RMSNorm, SwiGLU (3 FFN matrices), RoPE, GQA; QKV biases (Qwen2) optional."""
 
     name: str
     num_layers: int
@@ -33,6 +33,7 @@ class ModelSpec:
     vocab_size: int
     make_vocab_size_divisible_by: int = 128
     tie_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2/2.5: biases on Q, K, V (parameters only: elementwise adds are not GEMM FLOPs)
     kv_channels: int | None = None  # head size; hidden/heads when None
 
     @property

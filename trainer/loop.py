@@ -60,7 +60,7 @@ def train(cfg: RootConfig, make_callbacks: CallbackFactory = no_callbacks) -> Tr
         num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_hidden_size,
         num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
         padded_vocab_size=padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by),
-        seq_length=t.seq_length), t.global_batch_size)
+        seq_length=t.seq_length, kv_channels=m.head_dim), t.global_batch_size)
     peak_tflops = gpu_type(cfg.cluster.gpu_type).peak_bf16_tflops
     timer = StepTimer(cuda=not layout.gloo)
     forward_step = partial(_forward_step, device=device, timer=timer)

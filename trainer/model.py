@@ -1,4 +1,4 @@
-"""The Llama-style GPT (RMSNorm, SwiGLU, RoPE, GQA, no biases) on megatron-core's local layers.
+"""The Llama-style GPT (RMSNorm, SwiGLU, RoPE, GQA; QKV biases for Qwen2) on megatron-core's layers.
 
 ``build_model`` returns one model chunk per virtual pipeline stage of this rank, already
 initialised layout-independently (see :mod:`trainer.param_init`), cast for mixed precision and
@@ -8,6 +8,7 @@ wrapped in megatron's ``DistributedDataParallel``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import torch
@@ -83,7 +84,8 @@ def transformer_config(model: ModelConfig, par: ParallelismConfig, precision: st
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=False,
+        add_qkv_bias=model.qkv_bias,
+        kv_channels=model.head_dim,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         # fused kernels need Transformer Engine / apex / torch.compile: plain torch ops instead
@@ -126,9 +128,48 @@ def _layer_stack_spec(config: TransformerConfig, vp_stage: int | None) -> Any:
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=TorchRMSNorm)
 
 
+def llama3_inv_freq(inv_freq: torch.Tensor, model: ModelConfig) -> torch.Tensor:
+    """Llama 3.x RoPE scaling ("rope_type": "llama3") with all four of its parameters.
+
+    megatron-core fixes low/high frequency factors and the original context (1, 4, 8192); the
+    published configs may differ (Llama 3.2 uses factor 32), so the frequencies are set here.
+    """
+    factor = float(model.rope_scaling_factor or 1.0)
+    low, high = model.rope_scaling_low_freq_factor, model.rope_scaling_high_freq_factor
+    old = float(model.rope_scaling_original_max_position)
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old / low, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+class PaddedVocabMask:
+    """Forward hook of the output layer: logits of the padding rows never win the softmax.
+
+    megatron pads the vocabulary to a multiple of ``make_vocab_size_divisible_by``; without the
+    mask the padding logits (0 for zero rows) enter the softmax and the loss differs from the
+    Hugging Face model's. Their gradient is zero, so the padding rows never train either.
+    """
+
+    def __init__(self, vocab_size: int, padded: int, tp_rank: int, tp_size: int) -> None:
+        per_rank = padded // tp_size
+        self.valid = max(0, min(per_rank, vocab_size - tp_rank * per_rank))
+        self.per_rank = per_rank
+
+    def __call__(self, module: torch.nn.Module, args: Any, output: Any) -> Any:
+        logits, bias = output
+        if self.valid >= self.per_rank:
+            return output
+        mask = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+        mask[self.valid:] = True
+        return logits.masked_fill(mask, torch.finfo(logits.dtype).min), bias
+
+
 def _gpt_chunk(model: ModelConfig, config: TransformerConfig, vp_stage: int | None) -> GPTModel:
     rope_base: float = model.rope_theta
-    return GPTModel(
+    chunk = GPTModel(
         config=config,
         transformer_layer_spec=_layer_stack_spec(config, vp_stage),  # type: ignore[arg-type]
         vocab_size=padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by),
@@ -139,10 +180,17 @@ def _gpt_chunk(model: ModelConfig, config: TransformerConfig, vp_stage: int | No
         share_embeddings_and_output_weights=model.tie_embeddings,
         position_embedding_type="rope",
         rotary_base=rope_base,  # type: ignore[arg-type]  # megatron annotates int; float works
-        rope_scaling=model.rope_scaling_factor is not None,
-        rope_scaling_factor=model.rope_scaling_factor or 8.0,
         vp_stage=vp_stage,
     )
+    if model.rope_scaling_factor is not None:
+        rotary = chunk.rotary_pos_emb
+        rotary.inv_freq = llama3_inv_freq(rotary.inv_freq, model)
+    padded = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by)
+    if chunk.post_process and padded > model.vocab_size:
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        chunk.output_layer.register_forward_hook(PaddedVocabMask(model.vocab_size, padded, tp_rank, tp_size))
+    return chunk
 
 
 def build_model(model: ModelConfig, par: ParallelismConfig, config: TransformerConfig,

@@ -7,7 +7,10 @@ this rank keeps its tensor-parallel shard. Losses are then comparable across lay
 run can be restarted on another layout from the same seed.
 
 Distributions follow megatron: N(0, std) for weights and embeddings, N(0, std/sqrt(2L)) for the
-projections that write into the residual stream (``linear_proj``, ``linear_fc2``), 1 for norms.
+projections that write into the residual stream (``linear_proj``, ``linear_fc2``), 1 for norm
+weights, 0 for biases. What a parameter is comes from the module that owns it and its own name
+(:func:`param_role`), not from a suffix of the full name: Transformer Engine keeps the layer
+norms inside the fused linears (``linear_qkv.layer_norm_weight``), where a suffix rule misses them.
 """
 
 from __future__ import annotations
@@ -21,7 +24,38 @@ from megatron.core import parallel_state
 from megatron.core.transformer import TransformerConfig
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
-_RESIDUAL_OUTPUTS = ("linear_proj.weight", "linear_fc2.weight")
+_RESIDUAL_OUTPUTS = ("linear_proj", "linear_fc2")
+NORM, BIAS, RESIDUAL, WEIGHT = "norm", "bias", "residual_output", "weight"
+
+
+def is_norm_module(module: torch.nn.Module) -> bool:
+    """torch/apex/TE/megatron norms, by class name (TE and apex need not be importable to tell)."""
+    name = type(module).__name__
+    return isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm)) or name.endswith(("Norm", "LayerNorm")) \
+        or name in ("FusedLayerNorm", "WrappedTorchNorm", "TENorm", "MixedFusedRMSNorm")
+
+
+def param_role(module_name: str, module: torch.nn.Module, param_name: str) -> str:
+    """``norm`` (starts at 1), ``bias`` (0), ``residual_output`` (scaled N(0, std)) or ``weight``."""
+    if param_name.startswith("layer_norm_"):  # TE's fused norm inside a linear: layer_norm_weight/_bias
+        return BIAS if param_name.endswith("bias") else NORM
+    if param_name == "bias" or param_name.endswith("_bias"):
+        return BIAS
+    if is_norm_module(module):
+        return NORM
+    if module_name.rsplit(".", 1)[-1] in _RESIDUAL_OUTPUTS:
+        return RESIDUAL
+    return WEIGHT
+
+
+def parameter_roles(chunk: torch.nn.Module) -> dict[str, str]:
+    """Full parameter name -> role, for every parameter of a model chunk."""
+    roles: dict[str, str] = {}
+    for module_name, module in chunk.named_modules():
+        for param_name, _ in module.named_parameters(recurse=False):
+            full = f"{module_name}.{param_name}" if module_name else param_name
+            roles.setdefault(full, param_role(module_name, module, param_name))
+    return roles
 
 
 def global_name(local_name: str, layer_numbers: list[int], tied_embeddings: bool) -> str:
@@ -36,11 +70,8 @@ def global_name(local_name: str, layer_numbers: list[int], tied_embeddings: bool
     return f"decoder.layers.{global_index}.{local_name[match.end():]}"
 
 
-def _std(name: str, config: TransformerConfig) -> float | None:
-    """None for norm weights (ones)."""
-    if name.endswith("norm.weight"):
-        return None
-    if name.endswith(_RESIDUAL_OUTPUTS):
+def _std(role: str, config: TransformerConfig) -> float:
+    if role == RESIDUAL:
         return config.init_method_std / math.sqrt(2.0 * config.num_layers)
     return config.init_method_std
 
@@ -63,15 +94,17 @@ def initialize_layout_independent(chunk: torch.nn.Module, config: TransformerCon
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     decoder = getattr(chunk, "decoder", None)
     layer_numbers = [layer.layer_number for layer in decoder.layers] if decoder is not None else []
+    roles = parameter_roles(chunk)
     for local_name, param in chunk.named_parameters():
         name = global_name(local_name, layer_numbers, tied_embeddings)
-        std = _std(name, config)
+        role = roles[local_name]
         shape = list(param.shape)
         if tp_size > 1 and getattr(param, "tensor_model_parallel", False):
             shape[getattr(param, "partition_dim")] *= tp_size
-        if std is None:
-            full = torch.ones(shape, dtype=torch.float32, device=param.device)
+        if role in (NORM, BIAS):
+            full = torch.full(shape, 1.0 if role == NORM else 0.0, dtype=torch.float32, device=param.device)
         else:
+            std = _std(role, config)
             generator = torch.Generator(device=param.device)
             generator.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
             full = torch.empty(shape, dtype=torch.float32, device=param.device)
