@@ -22,6 +22,7 @@ from typing import Any, Optional
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from checkpointing.init_weights import InitFromCallback, initialize_from
 from checkpointing.preflight import checkpoint_root
 from checkpointing.replicator_process import ReplicatorProcess
 from checkpointing.resume import choose_step, load
@@ -47,9 +48,9 @@ class CheckpointError(RuntimeError):
 
 
 def make_callback(cfg: RootConfig, layout: Layout) -> TrainingCallback | None:
-    """None while checkpointing is disabled."""
+    """None while checkpointing is disabled (and nothing is initialised from weights)."""
     if not cfg.checkpoint.enabled:
-        return None
+        return InitFromCallback(cfg.checkpoint.init_from, layout.rank) if cfg.checkpoint.init_from else None
     return CheckpointCallback(cfg, layout)
 
 
@@ -75,13 +76,17 @@ class CheckpointCallback:
         self._install_signal_handlers()
         if self.layout.rank == 0:
             self.store.remove_leftovers(say=self._say)
-        if self.cfg.resume:
-            valid = choose_step(self.store, self.cfg, state, self.group, self._say)
-            if valid is not None:
-                load(state, valid, self._say)
-                self._saved_step, self._saved_format = valid.step, valid.manifest.optimizer_format
-                self.save_status.resumed_from_step = valid.step
-                self.save_status.last_committed_step = valid.step
+        valid = choose_step(self.store, self.cfg, state, self.group, self._say) if self.cfg.resume else None
+        if valid is not None:
+            load(state, valid, self._say)
+            self._saved_step, self._saved_format = valid.step, valid.manifest.optimizer_format
+            self.save_status.resumed_from_step = valid.step
+            self.save_status.last_committed_step = valid.step
+            if self.cfg.init_from:
+                self._say(f"checkpoint: checkpoint.init_from={self.cfg.init_from} ignored: the run resumed from its "
+                          f"own checkpoint ({step_name(valid.step)})")
+        elif self.cfg.init_from:
+            initialize_from(state, self.cfg.init_from, self._say)
         if self.layout.rank == 0 and self.cfg.replicated:
             self.replicator = ReplicatorProcess(self.store.root, self.cfg, self._say)
             self.replication_watch = ReplicationWatch(self.store.root)
@@ -98,6 +103,9 @@ class CheckpointCallback:
         interval = self.cfg.save_interval
         if interval and state.step % interval == 0 and state.step < state.total_steps:
             self._save(state, blocking=not self.cfg.async_save)
+
+    def on_validation(self, state: TrainState, report: Any) -> None:
+        pass
 
     def on_train_end(self, state: TrainState, *, finished: bool, error: Optional[BaseException] = None) -> None:
         self._restore_signal_handlers()

@@ -93,13 +93,13 @@ def model_fields(raw: dict[str, Any], path: str) -> dict[str, Any]:
 
 
 def _rope(raw: dict[str, Any], path: str, problems: list[Problem]) -> dict[str, Any]:
-    params = raw.get("rope_parameters") if isinstance(raw.get("rope_parameters"), dict) else {}
-    scaling = raw.get("rope_scaling") if isinstance(raw.get("rope_scaling"), dict) else params
+    params: dict[str, Any] = raw["rope_parameters"] if isinstance(raw.get("rope_parameters"), dict) else {}
+    scaling: dict[str, Any] = raw["rope_scaling"] if isinstance(raw.get("rope_scaling"), dict) else params
     theta = raw.get("rope_theta", params.get("rope_theta", 10000.0))
     out: dict[str, Any] = {"rope_theta": float(theta), "rope_scaling_factor": None,
                            "rope_scaling_low_freq_factor": 1.0, "rope_scaling_high_freq_factor": 4.0,
                            "rope_scaling_original_max_position": 8192}
-    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind in (None, "default"):
         return out
     if kind != "llama3":

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from cluster.local import LocalExecutor, local_command, render_launch_script
 from cluster.sbatch import STEP_SCRIPT, JobPlan, job_name_slug, render_sbatch, render_step
 from launcher import console
-from configs.loading import dump_config, to_root
+from configs.loading import dump_config, explicit_model_fields, to_root
 from launcher.manifest import PROJECT_ROOT, build_manifest
 from launcher.rundir import (CONFIG_FILE, MANIFEST_FILE, create_run_dir, new_run_dir_path,
                              read_job_record, remove_run_dir, write_job_record)
@@ -177,7 +177,7 @@ def hydra_entry(cfg: DictConfig) -> None:
     global TASK_STARTED
     TASK_STARTED = True
     try:
-        root = to_root(cfg)
+        root = to_root(cfg, explicit=explicit_model_fields(_overrides()))
     except ConfigError as exc:
         console.error(str(exc))
         console.error("nothing was written or submitted")

@@ -97,7 +97,7 @@ def compose(overrides: list[str], args: argparse.Namespace):
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
-    from configs.loading import to_root
+    from configs.loading import explicit_model_fields, to_root
     from launcher.manifest import PROJECT_ROOT
     from configs.schema import register_configs
 
@@ -109,7 +109,7 @@ def compose(overrides: list[str], args: argparse.Namespace):
                        ("cluster.gpus_per_node", points[0][1]), ("training.train_steps", args.steps),
                        ("training.train_tokens", None)):
         OmegaConf.update(raw, key, value, force_add=True)
-    return to_root(raw), points
+    return to_root(raw, explicit=explicit_model_fields(list(overrides))), points
 
 
 def submit(args: argparse.Namespace) -> Path:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, field
 from typing import Optional
 
 
@@ -51,6 +51,16 @@ class StepSample:
     mfu_percent: Optional[float]
     compute_s: float
     data_wait_s: float
+
+
+@dataclass(frozen=True)
+class ValidationSample:
+    """One validation pass: loss over every source's held-out tokens and per source."""
+
+    step: int
+    loss: float
+    perplexity: float
+    per_source: dict[str, float] = field(default_factory=dict)  # source label -> loss
 
 
 class Operation(str, enum.Enum):

@@ -29,6 +29,8 @@ TRAIN_MFU = P + "train_mfu_ratio"
 TRAIN_LOSS = P + "train_loss"
 TRAIN_GRAD_NORM = P + "train_grad_norm"
 TRAIN_LR = P + "train_learning_rate"
+VALIDATION_LOSS = P + "validation_loss"  # {source}; source="all" is every source's tokens together
+VALIDATION_PERPLEXITY = P + "validation_perplexity"  # {source}
 
 # straggler detection (each rank exports its own scores; rank 0 exports the job-level ones)
 STRAGGLER_SCORE = P + "straggler_score"  # what is thresholded (see monitoring.straggler)

@@ -8,6 +8,7 @@ a job outlives its processes. A rank that fails pushes its own ``failed`` state.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from monitoring import discovery
 from monitoring import names as n
 from configs.monitoring_config import MonitoringConfig
 from monitoring.events import (CheckpointEvent, Operation, Outcome, RankIdentity, RunInfo, StepSample,
-                               StragglerReport, ThroughputReport)
+                               StragglerReport, ThroughputReport, ValidationSample)
 from monitoring.sinks import MetricSink
 
 Report = Callable[[str, str], None]  # (component, message): something is missing
@@ -92,6 +93,9 @@ class PrometheusSink(MetricSink):
         self.loss = gauge(n.TRAIN_LOSS, "Global mean loss of the last step.", push=True)
         self.grad_norm = gauge(n.TRAIN_GRAD_NORM, "Gradient norm of the last step.")
         self.lr = gauge(n.TRAIN_LR, "Learning rate of the last step.")
+        self.val_loss = gauge(n.VALIDATION_LOSS, "Validation loss of the last pass (source=all: every source).",
+                              ("source",), push=True)
+        self.val_ppl = gauge(n.VALIDATION_PERPLEXITY, "Validation perplexity of the last pass.", ("source",))
         self.score = gauge(n.STRAGGLER_SCORE, "This rank's straggler score (1 = as fast as its peers).")
         self.relative = gauge(n.STRAGGLER_RELATIVE, "Reference compute median / this rank's (capped at 1).")
         self.individual = gauge(n.STRAGGLER_INDIVIDUAL, "This rank's best compute median / its current one.")
@@ -197,6 +201,11 @@ class PrometheusSink(MetricSink):
         if self.job_level:
             self.drop.set(1 if report.dropped else 0)
             self.baseline.set(report.baseline)
+
+    def validation(self, v: ValidationSample) -> None:
+        for source, loss in (("all", v.loss), *v.per_source.items()):
+            self.val_loss.labels(source).set(loss)
+            self.val_ppl.labels(source).set(math.exp(min(loss, 50.0)) if math.isfinite(loss) else float("nan"))
 
     def checkpoint(self, event: CheckpointEvent) -> None:
         op = event.operation.value

@@ -13,7 +13,7 @@ import threading
 from typing import Callable, Iterable, TextIO
 
 from monitoring.events import (Alert, CheckpointEvent, Outcome, RunInfo, StepSample, StragglerReport,
-                               ThroughputReport)
+                               ThroughputReport, ValidationSample)
 
 
 class MetricSink:
@@ -25,6 +25,9 @@ class MetricSink:
         pass
 
     def step(self, sample: StepSample) -> None:
+        pass
+
+    def validation(self, sample: ValidationSample) -> None:
         pass
 
     def stragglers(self, report: StragglerReport) -> None:
@@ -78,6 +81,9 @@ class FanOut(MetricSink):
 
     def step(self, sample: StepSample) -> None:
         self._each("step", sample)
+
+    def validation(self, sample: ValidationSample) -> None:
+        self._each("validation", sample)
 
     def stragglers(self, report: StragglerReport) -> None:
         self._each("stragglers", report)

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from configs.schema import RootConfig
 from monitoring.alerts import FailureBoard, RateLimiter, describe_error, log_tail, redact
-from monitoring.events import Alert, CheckpointEvent, Level, Outcome, RankIdentity, RunInfo, StepSample
+from monitoring.events import (Alert, CheckpointEvent, Level, Outcome, RankIdentity, RunInfo, StepSample,
+                               ValidationSample)
 from monitoring.node_exporter import STARTED_ENV
 from monitoring.prometheus_sink import PrometheusSink
 from monitoring.sinks import ConsoleSink, FanOut, MetricSink
@@ -161,6 +162,10 @@ class MonitoringCallback:
         self._step_s += report.step_time_s
         if self.prometheus is not None:
             self.prometheus.add_overhead(spent)
+
+    def on_validation(self, state: TrainState, report: Any) -> None:
+        self.sinks.validation(ValidationSample(step=report.step, loss=report.loss, perplexity=report.perplexity,
+                                               per_source=dict(report.per_source)))
 
     def on_train_end(self, state: TrainState, *, finished: bool, error: Optional[BaseException] = None) -> None:
         global _ACTIVE

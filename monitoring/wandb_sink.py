@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 from monitoring.alerts import FailureBoard, clip, redact
 from configs.monitoring_config import MonitoringConfig
 from monitoring.events import (Alert, CheckpointEvent, Level, Outcome, RunInfo, StepSample, StragglerReport,
-                               ThroughputReport)
+                               ThroughputReport, ValidationSample)
 from monitoring.sinks import MetricSink
 
 Report = Callable[[str, str], None]
@@ -99,6 +99,11 @@ class WandbSink(MetricSink):
         if s.mfu_percent is not None:
             data["train/mfu"] = s.mfu_percent / 100.0
         self._put(_Log(s.step, data))
+
+    def validation(self, v: ValidationSample) -> None:
+        data = {"val/loss": v.loss, "val/perplexity": v.perplexity}
+        data.update({f"val/loss/{name}": loss for name, loss in v.per_source.items()})
+        self._put(_Log(v.step, data))
 
     def stragglers(self, report: StragglerReport) -> None:
         if not report.scores:

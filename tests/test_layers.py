@@ -6,6 +6,7 @@ offending import there and check that the guard names it.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -35,55 +36,15 @@ def _copy_product(tmp_path: Path) -> Path:
 
 
 def import_cycles(tree: Path, packages: tuple[str, ...] = PACKAGES) -> list[list[str]]:
-    """Strongly connected groups of product modules (any import, also lazy and TYPE_CHECKING ones)."""
-    import grimp
+    """Strongly connected groups of product modules (any import, also lazy and TYPE_CHECKING ones).
 
-    sys.path.insert(0, str(tree))
-    try:
-        graph = grimp.build_graph(*packages, cache_dir=None)
-    finally:
-        sys.path.remove(str(tree))
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    on_stack: set[str] = set()
-    cycles: list[list[str]] = []
-
-    def visit(start: str) -> None:  # iterative Tarjan: the module graph is deep enough for recursion limits
-        work = [(start, iter(sorted(graph.find_modules_directly_imported_by(start))))]
-        index[start] = low[start] = len(index)
-        stack.append(start)
-        on_stack.add(start)
-        while work:
-            node, children = work[-1]
-            child = next(children, None)
-            if child is not None:
-                if child not in index:
-                    index[child] = low[child] = len(index)
-                    stack.append(child)
-                    on_stack.add(child)
-                    work.append((child, iter(sorted(graph.find_modules_directly_imported_by(child)))))
-                elif child in on_stack:
-                    low[node] = min(low[node], index[child])
-                continue
-            work.pop()
-            if work:
-                low[work[-1][0]] = min(low[work[-1][0]], low[node])
-            if low[node] == index[node]:
-                group = []
-                while True:
-                    member = stack.pop()
-                    on_stack.discard(member)
-                    group.append(member)
-                    if member == node:
-                        break
-                if len(group) > 1:
-                    cycles.append(sorted(group))
-
-    for module in sorted(graph.modules):
-        if module not in index:
-            visit(module)
-    return cycles
+    Runs in a fresh interpreter rooted at ``tree``: grimp finds packages through the import
+    system, which in this process already holds the repository's own copies."""
+    out = subprocess.run([sys.executable, str(Path(__file__).with_name("import_cycles.py")), *packages],
+                         cwd=tree, capture_output=True, text=True, timeout=300,
+                         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tree)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)
 
 
 @pytest.mark.timeout(300)

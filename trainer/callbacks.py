@@ -56,6 +56,9 @@ class TrainingCallback(Protocol):
 
     def on_step_end(self, state: TrainState, report: StepReport) -> None: ...
 
+    def on_validation(self, state: TrainState, report: Any) -> None:
+        """A validation pass finished (``trainer.evaluation.ValidationReport``: loss per source and overall)."""
+
     def on_train_end(self, state: TrainState, *, finished: bool, error: Optional[BaseException] = None) -> None:
         """``error`` is set when training raised: do not start collectives (peers may be gone)."""
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -14,16 +14,20 @@ from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from configs.hardware import gpu_type
+from configs.errors import ConfigError, Problem
 from configs.schema import RootConfig
 from configs.derived import padded_vocab_size, train_steps
 from memory_predictor import flops
 from trainer import control, metrics
 from trainer.callbacks import CallbackFactory, StepReport, TrainState, no_callbacks
-from trainer.timing import StepTimer
-from trainer.data import build_source, microbatches
+from trainer.data import build_source, build_validation, microbatches
 from trainer.distributed import Layout, init_distributed, shutdown
-from trainer.model import build_model, gpt_module, transformer_config
+from trainer.evaluation import evaluate
+from trainer.model import build_model, transformer_config, transformer_engine_available
 from trainer.optim import build_lr_schedule, build_optimizer
+from trainer.step import forward_step as _forward_step
+from trainer.step import global_mean_loss
+from trainer.timing import StepTimer
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,13 @@ def train(cfg: RootConfig, make_callbacks: CallbackFactory = no_callbacks) -> Tr
     total_steps = train_steps(cfg)
 
     config = transformer_config(m, par, t.precision, gloo=layout.gloo)
-    model = build_model(m, par, config, seed=t.seed)
+    packed = t.data.source == "sft" and t.data.pack_sequences
+    packed_thd = packed and transformer_engine_available(layout.gloo)
+    if packed_thd and t.micro_batch_size != 1:
+        raise ConfigError([Problem("training.micro_batch_size", t.micro_batch_size, "packed SFT sequences with "
+                                   "Transformer Engine (THD format) take one packed sequence per micro-batch: set it "
+                                   "to 1 (raise training.seq_length to pack more)")])
+    model = build_model(m, par, config, seed=t.seed, packed_positions=packed and not packed_thd)
     optimizer = build_optimizer(model, t, par)
     lr_schedule = build_lr_schedule(optimizer, t, total_steps)
     config.grad_scale_func = optimizer.scale_loss
@@ -54,6 +64,7 @@ def train(cfg: RootConfig, make_callbacks: CallbackFactory = no_callbacks) -> Tr
         config.grad_sync_func = grad_sync[0] if len(model) == 1 else grad_sync
 
     source = build_source(t, m.vocab_size, total_steps)
+    validation = build_validation(t, m.vocab_size) if t.eval_interval else {}
     forward_backward = get_forward_backward_func()
     num_microbatches = t.global_batch_size // (t.micro_batch_size * layout.dp_size)
     flops_per_step = flops.model_flops_per_step(flops.FlopsShape(
@@ -63,7 +74,7 @@ def train(cfg: RootConfig, make_callbacks: CallbackFactory = no_callbacks) -> Tr
         seq_length=t.seq_length, kv_channels=m.head_dim), t.global_batch_size)
     peak_tflops = gpu_type(cfg.cluster.gpu_type).peak_bf16_tflops
     timer = StepTimer(cuda=not layout.gloo)
-    forward_step = partial(_forward_step, device=device, timer=timer)
+    forward_step = partial(_forward_step, device=device, timer=timer, packed_thd=packed_thd)
     state = TrainState(cfg=cfg, layout=layout, model=model, optimizer=optimizer, lr_schedule=lr_schedule,
                        total_steps=total_steps)
     callbacks = make_callbacks(cfg, layout)
@@ -78,6 +89,7 @@ def train(cfg: RootConfig, make_callbacks: CallbackFactory = no_callbacks) -> Tr
 
     losses: list[float] = []
     state.extra["source"] = source
+    state.extra["validation"] = validation
     try:
         finished = _run_steps(state, callbacks, timer, forward_step, forward_backward, num_microbatches,
                               flops_per_step, peak_tflops, losses)
@@ -144,7 +156,7 @@ def _run_steps(state: TrainState, callbacks: list, timer: StepTimer, forward_ste
         lr_schedule.step(increment=1)  # step k trains with lr(k); see build_lr_schedule
         lr = float(optimizer.param_groups[0]["lr"])
         _, grad_norm, _ = optimizer.step()
-        loss = _global_mean_loss(reduced, layout, device)
+        loss, _ = global_mean_loss(reduced, layout, device)
         if not layout.gloo:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
@@ -164,47 +176,15 @@ def _run_steps(state: TrainState, callbacks: list, timer: StepTimer, forward_ste
                 mfu_percent=report.mfu_percent)), flush=True)
         for callback in callbacks:
             callback.on_step_end(state, report)
+        validation = state.extra.get("validation")
+        if validation and (step % t.eval_interval == 0 or step == total_steps):
+            result = evaluate(state, validation, forward_backward, forward_step, num_microbatches)
+            if layout.rank == 0:
+                print(result.line(), flush=True)
+            for callback in callbacks:
+                callback.on_validation(state, result)
         if step < total_steps and control.stop_requested(device):
             if layout.rank == 0:
                 print(f"stop requested (control file): stopping after step {step}/{total_steps}", flush=True)
             return False
     return True
-
-
-def _forward_step(data_iterator: Iterator[dict[str, torch.Tensor]], model: torch.nn.Module, *,
-                  device: torch.device, timer: StepTimer) -> tuple[torch.Tensor, Callable[[torch.Tensor], Any]]:
-    """One micro-batch through this chunk. Middle stages take activations from the pipeline."""
-    gpt = gpt_module(model)
-    with timer.data():
-        batch = next(data_iterator) if gpt.pre_process or gpt.post_process else None
-    tokens = position_ids = labels = None
-    if batch is not None and gpt.pre_process:
-        tokens = batch["tokens"].to(device, non_blocking=True)
-        position_ids = batch["position_ids"].to(device, non_blocking=True)
-    if batch is not None and gpt.post_process:
-        labels = batch["labels"].to(device, non_blocking=True)
-    with timer.compute():
-        per_token_loss = model(tokens, position_ids, None, labels=labels)
-    return per_token_loss, _loss_func
-
-
-def _loss_func(per_token_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """Sum and count; the schedule divides by tokens and micro-batches for the gradient."""
-    loss_sum = per_token_loss.float().sum()
-    num_tokens = torch.tensor(per_token_loss.numel(), dtype=torch.int, device=per_token_loss.device)
-    report = torch.stack([loss_sum.detach().clone(), num_tokens.float()])
-    return loss_sum, num_tokens, {"lm loss": report}
-
-
-def _global_mean_loss(reduced: list[dict[str, torch.Tensor]], layout: Layout, device: torch.device) -> float:
-    """Mean token loss over the global batch, on every rank.
-
-    Only the last pipeline stage has losses; its tensor-parallel peers hold the same values,
-    so tensor-parallel rank 0 of each data-parallel replica contributes.
-    """
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    if reduced and layout.tp_rank == 0:
-        for item in reduced:
-            total += item["lm loss"].to(total)
-    dist.all_reduce(total)
-    return float(total[0] / total[1])

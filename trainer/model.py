@@ -110,6 +110,7 @@ def transformer_config(model: ModelConfig, par: ParallelismConfig, precision: st
         batch_p2p_comm=not gloo,
         variable_seq_lengths=False,
         deallocate_pipeline_outputs=True,
+        calculate_per_token_loss=True,  # the loss is a sum over loss-bearing tokens (SFT masks); see trainer.step
         **recompute,
     )
 
@@ -167,9 +168,31 @@ class PaddedVocabMask:
         return logits.masked_fill(mask, torch.finfo(logits.dtype).min), bias
 
 
-def _gpt_chunk(model: ModelConfig, config: TransformerConfig, vp_stage: int | None) -> GPTModel:
+class PositionRoPEGPTModel(GPTModel):
+    """RoPE angles from ``position_ids`` per token, so positions restart in every packed document.
+
+    megatron's rope path ignores ``position_ids`` (it uses 0..s-1); this replaces the ``[s,1,1,d]``
+    table by an ``[s,b,1,d]`` one that ``_apply_rotary_pos_emb_bshd`` broadcasts over heads. With
+    positions 0..s-1 it is bit-identical to GPTModel. Used for packed SFT on megatron's local
+    layers (with Transformer Engine, THD ``PackedSeqParams`` restart RoPE per sequence instead).
+    """
+
+    def _preprocess(self, input_ids: Any, position_ids: Any, *args: Any, **kwargs: Any) -> Any:
+        out = super()._preprocess(input_ids, position_ids, *args, **kwargs)
+        if self.position_embedding_type != "rope" or out[1] is None or kwargs.get("inference_context") is not None:
+            return out
+        if position_ids is None:
+            raise ValueError("packed sequences: every pipeline stage needs position_ids")
+        inv_freq = self.rotary_pos_emb.inv_freq.to(position_ids.device)
+        freqs = position_ids.t().to(inv_freq.dtype)[..., None] * inv_freq  # [s, b, d/2]
+        return (out[0], torch.cat([freqs, freqs], dim=-1)[:, :, None, :], *out[2:])
+
+
+def _gpt_chunk(model: ModelConfig, config: TransformerConfig, vp_stage: int | None,
+               packed_positions: bool = False) -> GPTModel:
     rope_base: float = model.rope_theta
-    chunk = GPTModel(
+    cls = PositionRoPEGPTModel if packed_positions else GPTModel
+    chunk = cls(
         config=config,
         transformer_layer_spec=_layer_stack_spec(config, vp_stage),  # type: ignore[arg-type]
         vocab_size=padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by),
@@ -194,11 +217,13 @@ def _gpt_chunk(model: ModelConfig, config: TransformerConfig, vp_stage: int | No
 
 
 def build_model(model: ModelConfig, par: ParallelismConfig, config: TransformerConfig,
-                seed: int) -> list[DistributedDataParallel]:
-    """This rank's model chunks (one per virtual stage), initialised and DDP-wrapped."""
+                seed: int, *, packed_positions: bool = False) -> list[DistributedDataParallel]:
+    """This rank's model chunks (one per virtual stage), initialised and DDP-wrapped.
+
+    ``packed_positions``: RoPE from per-token positions (packed SFT on the local layers)."""
     vpp = config.virtual_pipeline_model_parallel_size
     stages: list[int | None] = list(range(vpp)) if vpp else [None]
-    chunks = [_gpt_chunk(model, config, stage) for stage in stages]
+    chunks = [_gpt_chunk(model, config, stage, packed_positions) for stage in stages]
     for chunk in chunks:
         initialize_layout_independent(chunk, config, seed=seed, tied_embeddings=model.tie_embeddings)
     modules: list[torch.nn.Module] = list(chunks)

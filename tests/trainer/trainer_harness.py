@@ -21,7 +21,7 @@ def write_config(run_dir: Path, overrides: list[str]) -> Path:
     """Compose configs/launcher.yaml (+ overrides) the way the launcher does, dump it to run_dir."""
     from hydra import compose, initialize_config_dir
 
-    from configs.loading import dump_config, to_root
+    from configs.loading import dump_config, explicit_model_fields, to_root
     from configs.schema import register_configs
 
     register_configs()
@@ -29,7 +29,7 @@ def write_config(run_dir: Path, overrides: list[str]) -> Path:
         cfg = compose("launcher", overrides=overrides)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "config.yaml"
-    path.write_text(dump_config(to_root(cfg)))
+    path.write_text(dump_config(to_root(cfg, explicit=explicit_model_fields(overrides))))
     return path
 
 
