@@ -45,3 +45,13 @@ def train_steps(cfg: RootConfig) -> int:
         return t.train_steps
     tokens = t.train_tokens or 0  # validate() guarantees one of the two is set
     return max(1, tokens // (t.global_batch_size * t.seq_length))
+
+
+def split_documents(shares: tuple[float, float, float], documents: int) -> list[tuple[int, int]]:
+    """Document index ranges [begin, end) of the train, valid and test splits, as megatron's builder cuts them."""
+    bounds, edge = [], 0.0
+    for share in shares:
+        lo, hi = edge, edge + share
+        bounds.append((int(round(lo * documents)), int(round(hi * documents))))
+        edge = hi
+    return bounds

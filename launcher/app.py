@@ -54,38 +54,49 @@ def render_files(root: RootConfig, run_dir: Path, workdir: str, argv: list[str])
     return files, ("job.sbatch", STEP_SCRIPT)
 
 
-def with_dependency(root: RootConfig, depends_on: str) -> RootConfig:
-    """Resolve ``depends_on`` (a run dir, run name or Slurm job id) to ``--dependency=afterok:<id>``."""
+def with_dependency(root: RootConfig, depends_on: str) -> tuple[RootConfig, list[str]]:
+    """Resolve ``depends_on`` (a run dir, run name or Slurm job id) to ``--dependency=afterok:<id>``.
+
+    On a dry run an unresolvable dependency is a warning (rendered without it), not an error."""
     from launcher.jobs import UsageError, resolve_run
 
     if root.cluster.kind == "local":
         raise ConfigError([Problem("depends_on", depends_on, "dependencies need a Slurm cluster; a local run "
                                    "starts at once (run the stages one after the other instead)")])
     job_id = depends_on if depends_on.isdigit() else None
+    problem = None
     if job_id is None:
         try:
             job_id = str(read_job_record(resolve_run(depends_on, root.runs_root)).get("job_id") or "")
+            if not job_id:
+                problem = Problem("depends_on", depends_on, "that run was never submitted to Slurm")
         except UsageError as exc:
-            raise ConfigError([Problem("depends_on", depends_on, str(exc))]) from None
-        if not job_id:
-            raise ConfigError([Problem("depends_on", depends_on, "that run was never submitted to Slurm")])
+            problem = Problem("depends_on", depends_on, str(exc))
+    if problem is not None:
+        if root.dry_run:
+            return root, [f"warning (dry run; a real launch refuses it): {problem}; rendered without --dependency"]
+        raise ConfigError([problem])
     dependency = f"afterok:{job_id}" if not root.cluster.dependency else f"{root.cluster.dependency},afterok:{job_id}"
-    return replace(root, cluster=replace(root.cluster, dependency=dependency))
+    return replace(root, cluster=replace(root.cluster, dependency=dependency)), []
 
 
 def launch(root: RootConfig, argv: list[str]) -> int:
     """Create the run directory, then run locally or submit. Returns the exit code."""
+    dependency_notes: list[str] = []
     if root.depends_on:
-        root = with_dependency(root, root.depends_on)
+        root, dependency_notes = with_dependency(root, root.depends_on)
+    from launcher.inputs import check_inputs
     from launcher.sizing import apply_predictor
 
     root, predicted, notes = apply_predictor(root)  # parallelism=auto, fit check of manual layouts
-    for note in notes:
+    inputs, input_notes = check_inputs(root)  # data sources, init_from weights, tokenizer
+    for note in dependency_notes + notes + input_notes:
         console.info(note)
     workdir = root.cluster.workdir or str(PROJECT_ROOT)
     run_dir = new_run_dir_path(root.runs_root, root.run_name)
     files, executable = render_files(root, run_dir, workdir, argv)
     files.update(predicted)
+    files.update(inputs)
     create_run_dir(run_dir, files, executable)
     if root.dry_run:
         console.info(f"dry run: rendered {len(files)} files, submitted nothing")

@@ -52,9 +52,18 @@ def test_tiny_local_two_processes(tmp_path: Path, layout: list[str]) -> None:
     _assert_trained(proc, tmp_path, steps=12)
 
 
-def test_failing_local_run_reports_failure(tmp_path: Path) -> None:
-    proc = launcher("config=tiny_local", "training.data.source=indexed", "training.data.paths=[/nonexistent/x]",
+def test_missing_data_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    proc = launcher("config=tiny_local", "training.data.source=indexed", "training.data.blend=[{path:/nonexistent/x}]",
                     f"runs_root={tmp_path}")
+    assert proc.returncode == 2, proc.stderr
+    assert "training.data.blend[0].path = '/nonexistent/x'" in proc.stderr and "trainer.tokenize" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_failing_local_run_reports_failure(tmp_path: Path) -> None:
+    env = dict(os.environ, HYPERLAUNCH_TEST_FAULT="fail:rank=0,step=2")
+    proc = launcher("config=tiny_local", f"runs_root={tmp_path}", env=env)
     assert proc.returncode == 1
     run = only_run(tmp_path)
     assert job_record(run)["state"] == "FAILED"

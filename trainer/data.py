@@ -28,9 +28,11 @@ from typing import Any, Optional, Protocol
 import numpy as np
 import torch
 
+from configs.derived import split_documents
 from configs.errors import ConfigError, Problem
 from configs.schema import DataConfig, TrainingConfig
 from configs.validate import blend_name, parse_split
+from trainer.indexed import read_idx
 from trainer.tokenize import BYTE_EOD
 
 MAX_STRIDE = 8
@@ -78,10 +80,20 @@ class _ByteTokenizer:
 
 
 def check_indexed_paths(data: DataConfig, field: str = "training.data.blend") -> None:
+    """Every source exists and gets at least one document in every split with a share: megatron's
+    builder builds them all, and loops forever on an empty one."""
     missing = [b.path for b in data.blend if not (Path(b.path + ".bin").is_file() and Path(b.path + ".idx").is_file())]
     if missing:
         raise ConfigError([Problem(field, missing, "no <prefix>.bin/.idx pair there; write them with "
                                    "`python -m trainer.tokenize --input ... --output-prefix PREFIX`")])
+    shares = parse_split(data.split)
+    for i, entry in enumerate(data.blend):
+        documents, _ = read_idx(entry.path)
+        for k, (begin, end) in enumerate(split_documents(shares, documents) if shares else []):
+            if shares and shares[k] > 0 and end <= begin:
+                raise ConfigError([Problem(f"{field}[{i}].path", entry.path, f"has {documents} document(s): the "
+                                           f"{('training', 'validation', 'test')[k]} share of training.data.split="
+                                           f"{data.split!r} gets none; use more documents or a larger share")])
 
 
 class IndexedSource:

@@ -65,7 +65,7 @@ def test_indexed_data_trains(tmp_path: Path) -> None:
     prefix = tmp_path / "data" / "corpus"
     tokenize_files([text], str(prefix), ByteTokenizer())
     run = train(tmp_path / "run", 2, [
-        "training.train_steps=5", "training.data.source=indexed", f"training.data.paths=[{prefix}]",
+        "training.train_steps=5", "training.data.source=indexed", f"training.data.blend=[{{path:{prefix}}}]",
     ])
     assert len(run.steps) == 5
     assert run.losses[-1] < run.losses[0]
@@ -73,8 +73,8 @@ def test_indexed_data_trains(tmp_path: Path) -> None:
 
 def test_bad_config_exits_2_without_traceback(tmp_path: Path) -> None:
     config = write_config(tmp_path, ["training.train_steps=1", "training.data.source=indexed",
-                                     f"training.data.paths=[{tmp_path / 'missing'}]"])
+                                     f"training.data.blend=[{{path:{tmp_path / 'missing'}}}]"])
     run = run_trainer(config, None, timeout_s=60)  # no torchrun: it adds its own traceback
     assert run.returncode == 2, run.describe()
-    assert "training.data.paths" in run.stderr and "trainer.tokenize" in run.stderr
+    assert "training.data.blend" in run.stderr and "trainer.tokenize" in run.stderr
     assert "Traceback" not in run.stderr
