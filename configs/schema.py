@@ -144,7 +144,7 @@ class ParallelismConfig:
     tp_comm_overlap: bool = False
     # memory predictor (memory_predictor/): auto-layout search and the fit check of manual layouts
     allow_oom: bool = False  # launch a manual layout even when it is predicted not to fit
-    usable_memory_fraction: float = 0.85  # a layout fits when its predicted peak <= this x GPU memory
+    usable_memory_fraction: float = 0.94  # a layout fits when its predicted peak <= this x GPU memory (fitted: docs/memory_predictor.md)
     top_k: int = 5  # auto: alternatives recorded (with breakdowns) in the run directory
     memory_gib: Optional[float] = None  # per-device memory for the predictor; default: the GPU type's
 

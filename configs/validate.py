@@ -130,7 +130,7 @@ def _check_choices(cfg: RootConfig, add) -> None:
         add("run_name", cfg.run_name, "must not be empty")
     p = cfg.parallelism
     if not 0 < p.usable_memory_fraction <= 1:
-        add("parallelism.usable_memory_fraction", p.usable_memory_fraction, "must be in (0, 1], e.g. 0.85")
+        add("parallelism.usable_memory_fraction", p.usable_memory_fraction, "must be in (0, 1], e.g. 0.94")
     if p.top_k <= 0:
         add("parallelism.top_k", p.top_k, "must be a positive integer (alternatives recorded for parallelism=auto)")
     if p.memory_gib is not None and p.memory_gib <= 0:

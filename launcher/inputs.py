@@ -51,7 +51,8 @@ def data_sources(root: RootConfig) -> tuple[list[SourceReport], list[Problem]]:
     total = sum(b.weight for b in d.blend)
     train_share = (parse_split(d.split) or (1.0, 0.0, 0.0))[0]
     train_tokens = train_steps(root) * t.global_batch_size * t.seq_length
-    reports, problems = [], []
+    reports: list[SourceReport] = []
+    problems: list[Problem] = []
     for i, entry in enumerate(d.blend):
         name, weight = blend_name(entry.path, entry.name), entry.weight / total
         tokens: int | None = None

@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--precision", choices=PRECISIONS, default="bf16")
     common.add_argument("--no-flash-attention", action="store_true", help="megatron's unfused softmax attention")
     common.add_argument("--fused-swiglu", action="store_true", help="bias_activation_fusion (the trainer leaves it off)")
+    common.add_argument("--gradient-accumulation-fusion", action="store_true",
+                        help="weight gradients straight into main_grad (Megatron-LM/NeMo default; the trainer leaves it off)")
+    common.add_argument("--grad-reduce-in-bf16", action="store_true",
+                        help="16-bit gradient buffer and reduction (NeMo's performance recipes; default fp32)")
     common.add_argument("--tp-comm-overlap", action="store_true", help="Transformer Engine TP communication overlap")
     common.add_argument("--usable-fraction", type=float, default=C.DEFAULT_USABLE_FRACTION,
                         help=f"safety rule: a layout fits when its predicted peak <= this x GPU memory "
@@ -110,10 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _options(args: argparse.Namespace) -> Options:
     if not 0 < args.usable_fraction <= 1:
-        raise PredictorError([Problem("usable_fraction", args.usable_fraction, "must be in (0, 1], e.g. 0.85")])
+        raise PredictorError([Problem("usable_fraction", args.usable_fraction, "must be in (0, 1], e.g. 0.94")])
     return Options(precision=args.precision, flash_attention=not args.no_flash_attention,
                    fused_swiglu=args.fused_swiglu, tp_comm_overlap=args.tp_comm_overlap,
-                   usable_fraction=args.usable_fraction)
+                   gradient_accumulation_fusion=args.gradient_accumulation_fusion,
+                   fp32_grad_accumulation=not args.grad_reduce_in_bf16, usable_fraction=args.usable_fraction)
 
 
 def _sizes(args: argparse.Namespace, names: Sequence[str]) -> None:

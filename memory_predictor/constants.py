@@ -1,13 +1,16 @@
 """Every number the predictor assumes, named, with where it comes from.
 
-Bytes are bytes (``GIB = 2**30`` only converts for display). A constant marked *calibrated*
-was fitted to a measurement named next to it; *assumed* means no measurement of ours backs
-it yet (this build was made without a GPU) and docs/memory_predictor.md says how to refit it.
+Bytes are bytes (``GIB = 2**30`` only converts for display). A constant marked *fitted* was
+fitted to the published measurements in benchmarks/data/published_measurements.csv by
+``python benchmarks/predictor_calibration.py --fit`` (rows and residuals: docs/memory_predictor.md,
+"Calibration"); *assumed* means no measurement backs it yet; *calibrated* means one of our own
+measurements does (named next to it).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 GIB = 1024**3
 GB = 10**9
@@ -16,26 +19,41 @@ GB = 10**9
 
 #: Fraction of GPU memory a predicted peak may use and still be called "fits" (the safety rule).
 #: The predicted peak already includes CUDA context, NCCL buffers and an allocator margin, so
-#: this fraction only covers estimator error. Fujii et al. 2024 ("Accelerating Large Language
-#: Model Training with 4D Parallelism and Memory Consumption Estimator", 454 runs on A100/H100)
-#: found no OOM below 80% for an estimate *without* overheads; ours adds ~5% of explicit
-#: overheads on an 80 GiB GPU, hence 0.85. Configurable: --usable-fraction,
-#: parallelism.usable_memory_fraction. Assumed (not yet checked against our own GPU runs).
-DEFAULT_USABLE_FRACTION = 0.85
+#: this fraction only covers estimator error. Fitted 0.85 -> 0.94: the smallest value (rounded up
+#: to 0.01) that accepts every published-running BF16 megatron layout of
+#: benchmarks/data/published_measurements.csv the predictor can represent; the tightest is NVIDIA's
+#: Llama 3.1 405B TP8 PP9 VP7 CP2 DP4 on 576 H100 (dgxc-benchmarking v25.03), predicted at 93.2% of
+#: 80 GiB. No published megatron layout that ran out of memory was found, so nothing bounds it from
+#: above; Fujii et al. 2024 (454 runs on A100/H100) saw no OOM below 80% for an estimate *without*
+#: the overheads ours includes. Configurable: --usable-fraction, parallelism.usable_memory_fraction.
+DEFAULT_USABLE_FRACTION = 0.94
 
-#: CUDA context + cuBLAS/cuDNN handles, outside PyTorch's allocator. The reference notes
-#: 0.3-0.5 GB with lazy module loading (CUDA >= 11.7); we take the upper end. Assumed.
-CUDA_CONTEXT_BYTES = 512 * 1024**2
 
-#: NCCL buffers per communicator that carries traffic, outside PyTorch's allocator. Public
-#: A100 reports give 0.5-0.7 GB per communicator (shared/reference/memory-model.md); our P5
-#: environment sets NCCL_BUFFSIZE=8 MiB (2x the default), so we take 0.5 GB. Assumed.
-NCCL_BYTES_PER_COMMUNICATOR = 500 * 10**6
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Overheads:
+    """Memory outside the model's tensors: what a GPU process needs besides what it allocates."""
 
-#: Reserved-minus-allocated gap of PyTorch's caching allocator, as a fraction of the
-#: allocator-managed peak. "Several GB at scale" in public reports; 5% of ~60 GB is 3 GB.
-#: Assumed; refit from max_memory_reserved / max_memory_allocated of real runs.
-ALLOCATOR_MARGIN_FRACTION = 0.05
+    #: Reserved-minus-allocated gap of PyTorch's caching allocator, as a fraction of the
+    #: allocator-managed peak.
+    allocator_margin_fraction: float
+    #: CUDA context + cuBLAS/cuDNN handles, outside PyTorch's allocator.
+    cuda_context_bytes: int
+    #: NCCL buffers per communicator that carries traffic, outside PyTorch's allocator.
+    nccl_bytes_per_communicator: int
+
+
+#: Allocator margin 5%: fitted (0.051, rounded) to the one published max_memory_reserved of a
+#: megatron layout with the allocated bytes also published: NVIDIA's NeMo log of Llama 3.1 8B on
+#: 8 H100 (TP1 CP2 DP4, dgxc-benchmarking v25.04): 65.97 GiB reserved; predicted allocated 62.8 GiB
+#: (model states at step end: 41.13 GiB predicted, 41.23 GiB logged). One row: it also absorbs the
+#: activation model's error for that layout.
+#: CUDA context 512 MiB: 0.3-0.5 GB with lazy module loading (CUDA >= 11.7), the upper end.
+#: Assumed: outside max_memory_reserved, so no published number in the table measures it.
+#: NCCL 0.5 GB per communicator: public A100 reports give 0.5-0.7 GB per communicator
+#: (shared/reference/memory-model.md); our P5 environment sets NCCL_BUFFSIZE=8 MiB. Assumed, for
+#: the same reason.
+OVERHEADS = Overheads(allocator_margin_fraction=0.05, cuda_context_bytes=512 * 1024**2,
+                      nccl_bytes_per_communicator=500 * 10**6)
 
 #: Host memory of one CPU (gloo) training process besides the model: Python, torch and
 #: megatron-core. Calibrated: the tiny model (4 layers, h=64, ~0.1 M parameters) on this
@@ -45,19 +63,55 @@ CPU_PROCESS_BASE_BYTES = 435 * 10**6
 
 # --------------------------------------------------------------------------- throughput
 
-#: Fraction of the dense BF16 peak that a transformer layer's executed FLOPs reach (GEMMs,
-#: flash attention, the memory-bound norm/RoPE/SwiGLU kernels and launch overheads together).
-#: Calibrated on the one fully specified public BF16 H100 anchor: Llama 3 (Dubey et al. 2024,
-#: "The Llama 3 Herd of Models", Table 4: 405B on 8192 H100, TP8 CP1 PP16 DP64, seq 8192,
-#: 16M tokens per batch, 430 TFLOP/s = 43% MFU) -> 0.54. Checked against the Megatron-LM
-#: README (GPT 2B-462B on H100 with all overlaps: "MFU increases from 41% to 47-48% with
-#: model size"): within 0.8-1.4x, over-predicting small models. benchmarks/predictor_calibration.py.
-COMPUTE_EFFICIENCY = 0.54
 
-#: FLOPs of one per-rank GEMM at which the achieved efficiency is half of COMPUTE_EFFICIENCY
-#: (small GEMMs under-fill the GPU). Public cuBLAS BF16 curves on H100 reach about half the
-#: large-GEMM rate near M=N=K=1024 (2 GFLOP). Assumed.
-GEMM_HALF_EFFICIENCY_FLOPS = 2.0e9
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Efficiency:
+    """The achieved fractions of peak rates that the step-time model multiplies in."""
+
+    #: Fraction of the dense BF16 peak that a transformer layer's GEMMs and attention reach
+    #: when the GEMMs are large, by GPU family (``gpu_family``).
+    compute: Mapping[str, float]
+    #: FLOPs of one per-rank GEMM at which the achieved efficiency is half of ``compute``
+    #: (small GEMMs under-fill the GPU).
+    gemm_half_flops: float
+    #: Fraction of the network line rate NCCL collectives reach between nodes.
+    network: float
+    #: Fraction of the backward (grad reduce) or forward (param gather) window of the last/first
+    #: micro-batch that DP communication can hide under (SM and memory contention).
+    dp_overlap: float
+    #: With Transformer Engine userbuffers (tp_comm_overlap) the fraction of TP traffic left exposed.
+    tp_overlap_exposed: float
+    #: Fraction of the HBM bandwidth the optimizer step reaches.
+    hbm: float = 0.8
+    #: Families without an entry use this one's value.
+    default_family: str = field(default="h100")
+
+    def compute_for(self, gpu: str) -> float:
+        return self.compute.get(gpu_family(gpu), self.compute[self.default_family])
+
+
+def gpu_family(gpu: str) -> str:
+    """``h100-80gb`` -> ``h100``; a ``custom`` GPU is predicted with H100 numbers."""
+    return gpu.split("-")[0] if gpu not in ("custom", "cpu") else ("h100" if gpu == "custom" else "cpu")
+
+
+#: Fitted (``python benchmarks/predictor_calibration.py --fit``; least squares on log errors of
+#: tokens/s per GPU, each source/model group weighing 1):
+#:
+#: * ``compute["h100"]`` 0.54 -> 0.68 and ``gemm_half_flops`` 2e9 -> 6.2e10: the 19 training rows of
+#:   the primary set (BF16 Megatron-Core on H100: NVIDIA dgxc-benchmarking v25.04 Llama 3.1
+#:   8B/70B/405B, Megatron-LM README GPT 1.7B/16B/70B/177B/462B). Held out: the dgxc v25.02/03
+#:   rows (another 405B layout, an older container) and GPT 7.1B/32B/119B/314B. The large half
+#:   point stands for every per-token cost that does not shrink with the model (memory-bound
+#:   kernels, launch overheads): it makes small models slower, not only small GEMMs.
+#: * ``compute["a100"]`` 0.54 -> 0.88: the Megatron-LM 2021 A100 table (GPT 1.7B-1T, fp16, full
+#:   recompute; TP/PP split, micro batch and heads assumed there, so weakly supported).
+#:
+#: Still assumed (the table cannot separate them): ``network`` 0.75 (the only rows sensitive to
+#: it, the Megatron-LM README's DP 48 runs, leave the micro batch and overlap settings out, and
+#: fitting them drives it to its bound), ``dp_overlap`` 0.8, ``tp_overlap_exposed`` 0.25, ``hbm`` 0.8.
+EFFICIENCY = Efficiency(compute={"h100": 0.68, "a100": 0.88}, gemm_half_flops=6.2e10, network=0.75,
+                        dp_overlap=0.8, tp_overlap_exposed=0.25)
 
 #: Tensor-parallel collectives per layer and micro-batch with sequence parallelism:
 #: forward 2 all-gathers + 2 reduce-scatters; backward 2 all-gathers of output grads,
@@ -66,13 +120,7 @@ TP_COLLECTIVES_PER_LAYER = 10
 #: Of those, the two backward input re-gathers run asynchronously under the data-gradient
 #: GEMM in megatron's linear layers, so 8 are exposed without --tp-comm-overlap.
 TP_COLLECTIVES_EXPOSED = 8
-#: With Transformer Engine userbuffers (parallelism.tp_comm_overlap) most TP traffic hides
-#: under GEMMs; the fraction left exposed. Assumed (NVIDIA reports "most" hidden).
-TP_OVERLAP_EXPOSED_FRACTION = 0.25
 
-#: Fraction of the backward (grad reduce) or forward (param gather) window of the last/first
-#: micro-batch that DP communication can hide under (SM and memory contention). Assumed.
-DP_OVERLAP_EFFICIENCY = 0.8
 #: megatron-core DDP bucket: max(40M, 1M x dp) parameters; the last bucket is never hidden.
 DDP_BUCKET_PARAMS = 40_000_000
 
@@ -81,14 +129,9 @@ DDP_BUCKET_PARAMS = 40_000_000
 NVLINK_LATENCY_S = 10e-6
 NETWORK_LATENCY_S = 30e-6
 
-#: Fraction of the network line rate NCCL collectives reach between nodes. Assumed; the
-#: AWS EFA nccl-tests on P5 are the measurement to refit it from.
-NETWORK_EFFICIENCY = 0.75
-
 #: Optimizer step and gradient-norm: bytes read/written per parameter of the local shard
 #: (fp32 grad 4, fp32 main param 4+4, Adam m and v 8+8, bf16 param write 2). HBM-bound.
 OPTIMIZER_BYTES_PER_PARAM = 30
-HBM_EFFICIENCY = 0.8
 
 # --------------------------------------------------------------------------- time to train
 

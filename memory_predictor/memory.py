@@ -6,9 +6,16 @@ Model states follow megatron-core's mixed-precision optimizer (bytes per paramet
 precision, gradients              plain          distributed (over DP x CP)
 ================================  =============  ==========================
 bf16 params, fp32 grads (ours)    18             6 + 12 / (d c)
-fp16 params, fp16 grads           20             4 + 16 / (d c)
+bf16/fp16 params, 16-bit grads    20             4 + 16 / (d c)
 fp32 params, fp32 grads           16             8 + 8 / (d c)
 ================================  =============  ==========================
+
+With 16-bit gradients, 4 of those bytes (the fp32 copy of the main-grad shard) exist only
+during the optimizer step: megatron-core's ``_copy_model_grads_to_main_grads`` sets
+``shard_main_param.grad = shard_model_grad.float()`` and the step releases it, when the
+activations are gone. At the activation peak such a rank holds 4 + 12 / (d c); NVIDIA's
+published NeMo log of Llama 3.1 8B (dgxc-benchmarking v25.04, 8 H100, d c = 8, bf16 gradient
+reduction) shows 44.27e9 bytes allocated at step end = 5.51 bytes per parameter = 4 + 12/8.
 
 In-flight micro-batches (megatron-core ``get_pp_rank_microbatches``): with 1F1B, pipeline
 rank r holds min(p - r, m) micro-batches of its L/p layers; interleaved with v chunks, it
@@ -36,12 +43,13 @@ class StageMemory:
     pp_rank: int
     params: int  # transformer-layer parameters
     grads: int
-    optimizer: int  # fp32 main params (+ fp32 main grads for 16-bit grads) + Adam m and v
+    optimizer: int  # fp32 main params + Adam m and v (sharded with the distributed optimizer)
     embedding_output: int  # params + grads + optimizer of the embedding / output layer here
     activations: int  # kept for backward, all micro-batches in flight
     logits_loss: int  # last stage: fp32 softmax kept for backward + the 16-bit logits temporary
     working: int  # transient buffers of the layer being computed (SP gather, grads, wgrad)
     comm_buffers: int  # pipeline send/receive buffers
+    step_temporary: int  # fp32 copy of 16-bit grads at the optimizer step (when the activations are gone)
     allocator_margin: int  # caching-allocator reserved - allocated
     cuda_context: int  # CUDA context on GPUs; the Python/torch runtime of a CPU (gloo) process
     nccl: int
@@ -53,13 +61,15 @@ class StageMemory:
     nccl_communicators: int
 
     BYTE_FIELDS = ("params", "grads", "optimizer", "embedding_output", "activations", "logits_loss",
-                   "working", "comm_buffers", "allocator_margin", "cuda_context", "nccl")
+                   "working", "comm_buffers", "step_temporary", "allocator_margin", "cuda_context", "nccl")
 
     @property
     def allocated(self) -> int:
-        """What torch.cuda.max_memory_allocated should show."""
-        return (self.params + self.grads + self.optimizer + self.embedding_output + self.activations
-                + self.logits_loss + self.working + self.comm_buffers)
+        """What torch.cuda.max_memory_allocated should show: the larger of the forward/backward
+        peak and the optimizer-step peak, over the persistent model states."""
+        states = self.params + self.grads + self.optimizer + self.embedding_output
+        forward_backward = self.activations + self.logits_loss + self.working + self.comm_buffers
+        return states + max(forward_backward, self.step_temporary)
 
     @property
     def reserved(self) -> int:
@@ -106,7 +116,8 @@ class StateBytes:
 
     param: float
     grad: float
-    optimizer: float
+    optimizer: float  # fp32 main params (16-bit params) + Adam m and v, kept all the time
+    step_temporary: float  # fp32 main grads made from 16-bit grads at the optimizer step only
 
 
 def state_bytes(layout: Layout, opts: Options) -> StateBytes:
@@ -114,9 +125,8 @@ def state_bytes(layout: Layout, opts: Options) -> StateBytes:
     gb = 4 if (opts.fp32_grad_accumulation or opts.precision == "fp32") else 2
     main_params = 4 if pb == 2 else 0
     main_grads = 4 if (gb == 2 and pb == 2) else 0
-    optimizer = main_params + main_grads + 8  # Adam m and v in fp32
     shards = layout.dp * layout.cp if layout.distributed_optimizer else 1
-    return StateBytes(param=pb, grad=gb, optimizer=optimizer / shards)
+    return StateBytes(param=pb, grad=gb, optimizer=(main_params + 8) / shards, step_temporary=main_grads / shards)
 
 
 def layer_params(model: ModelSpec, tp: int) -> int:
@@ -166,7 +176,8 @@ def nccl_communicators(layout: Layout, pp_rank: int) -> int:
 
 
 def stage_memory(model: ModelSpec, train: TrainSpec, layout: Layout, opts: Options, pp_rank: int,
-                 layer: LayerActivations | None = None, stage: str | None = None) -> StageMemory:
+                 layer: LayerActivations | None = None, stage: str | None = None,
+                 overheads: C.Overheads = C.OVERHEADS) -> StageMemory:
     """The breakdown of one rank of pipeline stage ``pp_rank``."""
     p, v = layout.pp, layout.vpp
     layer = layer or layer_activations(model, train.seq_length, train.micro_batch_size, layout, opts)
@@ -193,7 +204,9 @@ def stage_memory(model: ModelSpec, train: TrainSpec, layout: Layout, opts: Optio
     if pp_rank == 0 and layout.sp:
         working = max(working, int(e * tokens * model.hidden_size))  # embedding output before scatter
     comm = int(2 * hidden_bytes) if p > 1 else 0
-    allocated = (int(layer_p * per_param) + int(extra_p * per_param) + activations + logits + working + comm)
+    step_temporary = int((layer_p + extra_p) * sb.step_temporary)
+    allocated = (int(layer_p * per_param) + int(extra_p * per_param)
+                 + max(activations + logits + working + comm, step_temporary))
     comms = nccl_communicators(layout, pp_rank)
     return StageMemory(
         stage=stage or ("only" if p == 1 else "first" if pp_rank == 0 else "last" if pp_rank == p - 1 else "middle"),
@@ -201,14 +214,16 @@ def stage_memory(model: ModelSpec, train: TrainSpec, layout: Layout, opts: Optio
         params=int(layer_p * sb.param), grads=int(layer_p * sb.grad), optimizer=int(layer_p * sb.optimizer),
         embedding_output=int(extra_p * per_param),
         activations=int(activations), logits_loss=logits, working=int(working), comm_buffers=comm,
-        allocator_margin=int(allocated * C.ALLOCATOR_MARGIN_FRACTION),
-        cuda_context=C.CUDA_CONTEXT_BYTES, nccl=comms * C.NCCL_BYTES_PER_COMMUNICATOR,
+        step_temporary=step_temporary,
+        allocator_margin=int(allocated * overheads.allocator_margin_fraction),
+        cuda_context=overheads.cuda_context_bytes, nccl=comms * overheads.nccl_bytes_per_communicator,
         param_count=layer_p + extra_p, layers=model.num_layers // p, in_flight=held,
         layers_per_chunk=chunk_layers, nccl_communicators=comms,
     )
 
 
-def predict_memory(model: ModelSpec, train: TrainSpec, layout: Layout, opts: Options, hw: Hardware) -> MemoryReport:
+def predict_memory(model: ModelSpec, train: TrainSpec, layout: Layout, opts: Options, hw: Hardware,
+                   overheads: C.Overheads = C.OVERHEADS) -> MemoryReport:
     """Breakdowns of the first, a middle and the last stage, and the peak rank.
 
     Middle ranks hold fewer micro-batches than the first and no embedding, so the peak rank
@@ -216,9 +231,9 @@ def predict_memory(model: ModelSpec, train: TrainSpec, layout: Layout, opts: Opt
     """
     layer = layer_activations(model, train.seq_length, train.micro_batch_size, layout, opts)
     p = layout.pp
-    first = stage_memory(model, train, layout, opts, 0, layer)
-    last = first if p == 1 else stage_memory(model, train, layout, opts, p - 1, layer)
-    middle = stage_memory(model, train, layout, opts, p // 2, layer) if p > 2 else None
+    first = stage_memory(model, train, layout, opts, 0, layer, overheads=overheads)
+    last = first if p == 1 else stage_memory(model, train, layout, opts, p - 1, layer, overheads=overheads)
+    middle = stage_memory(model, train, layout, opts, p // 2, layer, overheads=overheads) if p > 2 else None
     if hw.gpu == "cpu":  # host processes: no CUDA context, NCCL or caching allocator; a runtime base
         def on_host(s: StageMemory) -> StageMemory:
             return replace(s, cuda_context=C.CPU_PROCESS_BASE_BYTES, nccl=0, allocator_margin=0)

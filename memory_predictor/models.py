@@ -27,7 +27,10 @@ HF_REQUIRED = {
 
 
 def model_names(model_dir: Path = MODEL_DIR) -> list[str]:
-    return sorted(p.stem for p in model_dir.glob("*.yaml"))
+    """The model configs that spell out an architecture (``hf.yaml`` reads it from a Hugging Face
+    directory: give the predictor that directory's config.json instead)."""
+    return sorted(p.stem for p in model_dir.glob("*.yaml")
+                  if any(line.startswith("num_layers:") for line in p.read_text().splitlines()))
 
 
 def load_model(name_or_path: str, model_dir: Path = MODEL_DIR) -> ModelSpec:

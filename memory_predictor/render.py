@@ -18,6 +18,7 @@ from memory_predictor.plan import TrainingPlan
 ROWS = (("params", "parameters (layers)"), ("grads", "gradients"), ("optimizer", "optimizer states"),
         ("embedding_output", "embedding / output layer"), ("activations", "activations in flight"),
         ("logits_loss", "logits and loss"), ("working", "layer working buffers"), ("comm_buffers", "p2p buffers"),
+        ("step_temporary", "fp32 grads at the step (max with 4 above)"),
         ("allocator_margin", "allocator margin"), ("cuda_context", "CUDA context"), ("nccl", "NCCL buffers"),
         ("total", "total"))
 

@@ -9,7 +9,7 @@ Enumerated (``layout_problems`` holds the validity rules):
   cannot hide under attention and no layout with it can rank high. ``evaluate`` takes any CP;
 * PP: divisors of the layers, with every VPP that divides the layers per stage;
 * DP: the rest; micro batches: divisors of the per-rank batch up to ``max_mbs``
-  (the interleaved schedule needs at least PP micro-batches);
+  (the interleaved schedule needs a multiple of PP micro-batches, as megatron-core does);
 * recompute none / selective / full, distributed optimizer on / off (off is only a
   different layout when DP x CP > 1); SP always on with TP > 1 (same communication volume
   as TP alone, less memory).
@@ -20,9 +20,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
+from memory_predictor import constants as C
 from memory_predictor.activations import LayerActivations, layer_activations
 from memory_predictor.memory import MemoryReport, predict_memory, stage_memory
-from memory_predictor.spec import RECOMPUTE, Hardware, Layout, ModelSpec, Options, TrainSpec, layout_problems
+from memory_predictor.spec import RECOMPUTE, Hardware, Layout, ModelSpec, Options, TrainSpec, interleaving_accepts, \
+    layout_problems
 from memory_predictor.throughput import StepTime, predict_step
 
 MIN_TOKENS_PER_CP_RANK = 1024
@@ -84,10 +86,11 @@ def enumerate_layouts(model: ModelSpec, seq_length: int, global_batch: int, hw: 
     world, L = hw.world, model.num_layers
     probe = TrainSpec(seq_length=seq_length, micro_batch_size=1, global_batch_size=global_batch)
     for tp in _divisors(hw.gpus_per_node):
-        if world % tp or layout_problems(model, probe, Layout(tp=tp, dp=world // tp), hw):
+        # only the TP rules here: the batch and world rules depend on the PP and CP chosen below
+        if world % tp or any(p.field == "tp" for p in layout_problems(model, probe, Layout(tp=tp, dp=world // tp), hw)):
             continue
         cps = [1] if cpu_trainer else [c for c in _powers_of_two(world // tp)
-                                      if c == 1 or (seq_length % (2 * c) == 0
+                                      if c == 1 or (seq_length % (2 * c) == 0 and (seq_length // c) % tp == 0
                                                     and seq_length // c >= MIN_TOKENS_PER_CP_RANK)]
         for cp in cps:
             if (world // tp) % cp:
@@ -102,7 +105,7 @@ def enumerate_layouts(model: ModelSpec, seq_length: int, global_batch: int, hw: 
                 mbs_list = micro_batches or [b for b in _divisors(per_rank) if b <= max_mbs]
                 for vpp in ([1] if pp == 1 else _divisors(L // pp)):
                     for mbs in mbs_list:
-                        if per_rank % mbs or (vpp > 1 and per_rank // mbs < pp):
+                        if per_rank % mbs or not interleaving_accepts(per_rank // mbs, pp, vpp):
                             continue
                         train = TrainSpec(seq_length=seq_length, micro_batch_size=mbs, global_batch_size=global_batch)
                         for rc in recompute:
@@ -124,7 +127,8 @@ def _powers_of_two(limit: int) -> list[int]:
 def search(model: ModelSpec, seq_length: int, global_batch: int, hw: Hardware, opts: Options, *,
            recompute: Sequence[str] = RECOMPUTE, distributed_optimizer: Sequence[bool] = (True, False),
            max_mbs: int = DEFAULT_MAX_MBS, micro_batches: Sequence[int] | None = None,
-           cpu_trainer: bool = False) -> SearchResult:
+           cpu_trainer: bool = False, eff: C.Efficiency = C.EFFICIENCY,
+           overheads: C.Overheads = C.OVERHEADS) -> SearchResult:
     """Rank every layout that fits by predicted tokens/s (ties: less memory first)."""
     layers: dict[tuple[object, ...], LayerActivations] = {}
     usable = int(hw.memory_bytes * opts.usable_fraction) if hw.check_memory else 0
@@ -138,25 +142,26 @@ def search(model: ModelSpec, seq_length: int, global_batch: int, hw: Hardware, o
         layer = layers.get(key)
         if layer is None:
             layer = layers[key] = layer_activations(model, seq_length, train.micro_batch_size, layout, opts)
-        first = stage_memory(model, train, layout, opts, 0, layer)
+        first = stage_memory(model, train, layout, opts, 0, layer, overheads=overheads)
         peak = first
         if layout.pp > 1:
-            last = stage_memory(model, train, layout, opts, layout.pp - 1, layer)
+            last = stage_memory(model, train, layout, opts, layout.pp - 1, layer, overheads=overheads)
             peak = last if last.total > first.total else first
         if usable and peak.total > usable:
             rejected += 1
             continue
-        step = predict_step(model, train, layout, opts, hw)
+        step = predict_step(model, train, layout, opts, hw, eff)
         ranked.append(Candidate(layout=layout, train=train, peak_bytes=peak.total, peak_stage=peak.stage,
                                 fits=True, step=step))
     ranked.sort(key=lambda c: (-c.step.tokens_per_s if c.step else 0.0, c.peak_bytes))
     return SearchResult(ranked=tuple(ranked), evaluated=evaluated, rejected_memory=rejected, usable_bytes=usable)
 
 
-def evaluate(model: ModelSpec, train: TrainSpec, layout: Layout, opts: Options,
-             hw: Hardware) -> tuple[MemoryReport, StepTime]:
+def evaluate(model: ModelSpec, train: TrainSpec, layout: Layout, opts: Options, hw: Hardware, *,
+             eff: C.Efficiency = C.EFFICIENCY, overheads: C.Overheads = C.OVERHEADS) -> tuple[MemoryReport, StepTime]:
     """Memory breakdown and step time of one layout (validity is the caller's check)."""
-    return predict_memory(model, train, layout, opts, hw), predict_step(model, train, layout, opts, hw)
+    return (predict_memory(model, train, layout, opts, hw, overheads),
+            predict_step(model, train, layout, opts, hw, eff))
 
 
 def heatmap_rows(model: ModelSpec, result: SearchResult, opts: Options, hw: Hardware, *, rows: int = 12,
@@ -177,7 +182,7 @@ def heatmap_rows(model: ModelSpec, result: SearchResult, opts: Options, hw: Hard
         for mbs in micro_batches:
             train = replace(cand.train, micro_batch_size=mbs)
             per_rank = train.global_batch_size // lay.dp
-            if per_rank % mbs or (lay.vpp > 1 and per_rank // mbs < lay.pp):
+            if per_rank % mbs or not interleaving_accepts(per_rank // mbs, lay.pp, lay.vpp):
                 fractions.append(None)
                 continue
             report = predict_memory(model, train, lay, opts, hw)

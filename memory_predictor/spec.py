@@ -207,10 +207,19 @@ def layout_problems(model: ModelSpec, train: TrainSpec, layout: Layout, hw: Hard
                     *, cpu_trainer: bool = False) -> list[Problem]:
     """Why this layout cannot run this model on this cluster (empty when it can).
 
-    The rules are the trainer's and megatron-core's: TP inside a node dividing heads, KV heads
-    (multiple or divisor) and the padded vocab; PP x VPP dividing layers; CP dividing the
-    sequence in 2 x CP load-balanced chunks; the world = TP x PP x CP x DP; micro-batches
-    dividing the per-rank batch (>= PP micro-batches for the interleaved schedule).
+    The rules are the trainer's and megatron-core 0.16's (where each is enforced in brackets):
+
+    * TP inside a node, dividing the heads [TransformerConfig], a multiple or divisor of the KV
+      heads [TransformerConfig], dividing the FFN size and the padded vocabulary [the parallel
+      linear layers' ``divide``]; with sequence parallelism, dividing each rank's s / CP tokens
+      [``_split_along_first_dim`` in tensor_parallel/mappings.py];
+    * PP x VPP dividing the layers [TransformerBlock]; full recompute with 1 <= layers per
+      checkpoint <= layers per pipeline rank [TransformerConfig];
+    * CP splitting the sequence in 2 x CP load-balanced chunks;
+    * the world = TP x PP x CP x DP; micro-batches dividing the per-rank batch; for the
+      interleaved schedule the number of micro-batches a multiple of PP
+      [pipeline_parallel/schedules.py: with ``microbatch_group_size_per_vp_stage`` = PP, its
+      default, M must be >= PP and M mod PP must be 0 or >= PP, i.e. 0].
     """
     p = Problems()
     m, t = model, train
@@ -231,12 +240,20 @@ def layout_problems(model: ModelSpec, train: TrainSpec, layout: Layout, hw: Hard
         p.add("tp", layout.tp, f"num_query_groups={m.num_query_groups} (KV heads) must be a multiple or divisor of tp")
     if m.padded_vocab % layout.tp:
         p.add("tp", layout.tp, f"must divide the padded vocabulary {m.padded_vocab}")
+    if m.ffn_hidden_size % layout.tp:
+        p.add("tp", layout.tp, f"must divide ffn_hidden_size={m.ffn_hidden_size} (megatron splits the MLP over TP)")
+    if layout.sp and (t.seq_length // layout.cp) % layout.tp:
+        p.add("tp", layout.tp, f"sequence parallelism splits each rank's seq_length / cp = {t.seq_length // layout.cp} "
+              f"tokens over tp: use a seq_length that is a multiple of cp x tp = {layout.cp * layout.tp}")
     if layout.tp > hw.gpus_per_node:
         p.add("tp", layout.tp, f"tensor parallelism stays inside a node (gpus_per_node={hw.gpus_per_node})")
     if layout.vpp > 1 and layout.pp == 1:
         p.add("vpp", layout.vpp, "the interleaved schedule needs pp > 1; use vpp=1")
     if m.num_layers % (layout.pp * layout.vpp):
         p.add("pp", layout.pp, f"pp x vpp = {layout.pp * layout.vpp} must divide num_layers={m.num_layers}")
+    elif layout.recompute == "full" and layout.recompute_num_layers > m.num_layers // layout.pp:
+        p.add("recompute_num_layers", layout.recompute_num_layers,
+              f"must be between 1 and the layers per pipeline rank ({m.num_layers // layout.pp})")
     if layout.cp > 1 and t.seq_length % (2 * layout.cp):
         p.add("cp", layout.cp, f"seq_length={t.seq_length} must be divisible by 2 x cp = {2 * layout.cp}")
     if cpu_trainer and layout.cp > 1:
@@ -246,10 +263,17 @@ def layout_problems(model: ModelSpec, train: TrainSpec, layout: Layout, hw: Hard
     per_rank = layout.dp * t.micro_batch_size
     if t.global_batch_size % per_rank:
         p.add("gbs", t.global_batch_size, f"must be divisible by mbs x dp = {t.micro_batch_size} x {layout.dp}")
-    elif layout.vpp > 1 and t.global_batch_size // per_rank < layout.pp:
-        p.add("gbs", t.global_batch_size, f"the interleaved schedule needs >= pp={layout.pp} micro-batches per step; "
-              f"use gbs >= {per_rank * layout.pp}")
+    elif not interleaving_accepts(t.global_batch_size // per_rank, layout.pp, layout.vpp):
+        p.add("gbs", t.global_batch_size, f"gives {t.global_batch_size // per_rank} micro-batches per step; megatron's "
+              f"interleaved schedule (vpp={layout.vpp}) needs a multiple of pp={layout.pp}: use a gbs that is a "
+              f"multiple of mbs x dp x pp = {per_rank * layout.pp}")
     return p.items
+
+
+def interleaving_accepts(micro_batches: int, pp: int, vpp: int) -> bool:
+    """megatron-core's interleaved schedule runs micro-batches in groups of PP (its default
+    ``microbatch_group_size_per_vp_stage``) and refuses a partial group: M % PP == 0."""
+    return vpp == 1 or micro_batches % pp == 0
 
 
 def _divisors(n: int, cap: int) -> list[int]:

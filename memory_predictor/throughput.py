@@ -15,7 +15,9 @@ trainer's *model* FLOPs, so a prediction and a training log are directly compara
 Placement follows megatron-core's rank order (TP fastest, then CP, DP, PP): a group whose
 ranks fit in one node talks over NVLink; otherwise over the network, where the node's
 adapters are shared by the ``gpus_per_node / ranks_of_the_group_in_a_node`` groups that
-cross nodes at the same time. Every constant is in memory_predictor/constants.py.
+cross nodes at the same time. Every constant is in memory_predictor/constants.py; the
+efficiencies (``constants.Efficiency``) are fitted to published measurements by
+benchmarks/predictor_calibration.py, and ``eff=`` takes another set (the fit uses it).
 """
 
 from __future__ import annotations
@@ -55,25 +57,33 @@ def flops_shape(model: ModelSpec, seq_length: int) -> FlopsShape:
                       seq_length=seq_length, kv_channels=model.kv_channels)
 
 
-def group_bandwidth(hw: Hardware, stride: int, size: int) -> tuple[float, float]:
+def group_bandwidth(hw: Hardware, stride: int, size: int,
+                    eff: C.Efficiency = C.EFFICIENCY) -> tuple[float, float]:
     """(bus bandwidth bytes/s, latency s) of a group of ``size`` ranks ``stride`` apart."""
     per_node = max(1, hw.gpus_per_node // stride) if stride < hw.gpus_per_node else 1
     if size <= per_node and stride * size <= hw.gpus_per_node:
         return hw.nvlink_bytes_per_s, C.NVLINK_LATENCY_S
     share = min(per_node, size) / hw.gpus_per_node  # this group's share of the node's adapters
-    network = hw.network_bytes_per_s_per_node * C.NETWORK_EFFICIENCY * share
+    network = hw.network_bytes_per_s_per_node * eff.network * share
     return min(network, hw.nvlink_bytes_per_s), C.NETWORK_LATENCY_S
 
 
-def compute_efficiency(model: ModelSpec, train: TrainSpec, layout: Layout, hw: Hardware) -> float:
-    """Achievable fraction of peak; small per-rank GEMMs under-fill a GPU."""
+def compute_efficiency(model: ModelSpec, train: TrainSpec, layout: Layout, hw: Hardware,
+                       eff: C.Efficiency = C.EFFICIENCY) -> float:
+    """Achievable fraction of peak, lower for small per-rank GEMMs: eff.compute x g / (g + half).
+
+    Both constants are fitted to published runs (constants.EFFICIENCY), so the half point also
+    carries the per-token work that does not shrink with the model (memory-bound kernels,
+    launches): small models come out slower than their GEMMs alone would make them.
+    """
     if hw.gpu == "cpu":
         return 1.0  # the CPU profile's nominal peak is already an achieved rate
     gemm = 2.0 * train.micro_batch_size * train.seq_length / layout.cp * model.hidden_size * model.ffn_hidden_size / layout.tp
-    return C.COMPUTE_EFFICIENCY * gemm / (gemm + C.GEMM_HALF_EFFICIENCY_FLOPS)
+    return eff.compute_for(hw.gpu) * gemm / (gemm + eff.gemm_half_flops)
 
 
-def predict_step(model: ModelSpec, train: TrainSpec, layout: Layout, opts: Options, hw: Hardware) -> StepTime:
+def predict_step(model: ModelSpec, train: TrainSpec, layout: Layout, opts: Options, hw: Hardware,
+                 eff: C.Efficiency = C.EFFICIENCY) -> StepTime:
     t, p, v, c, d = layout.tp, layout.pp, layout.vpp, layout.cp, layout.dp
     s, b, B = train.seq_length, train.micro_batch_size, train.global_batch_size
     m = B // (d * b)
@@ -87,8 +97,8 @@ def predict_step(model: ModelSpec, train: TrainSpec, layout: Layout, opts: Optio
     recompute_scores = {"none": 0.0, "selective": 1 / 3, "full": 1 / 3}[layout.recompute]
     layers_seq = hardware_flops_per_step(shape, 1, layout.recompute) - logits_seq
     executed_layers_seq = layers_seq - scores_seq * (1 + recompute_scores) / 2
-    eff = compute_efficiency(model, train, layout, hw)
-    rate = hw.peak_tflops * 1e12 * eff
+    efficiency = compute_efficiency(model, train, layout, hw, eff)
+    rate = hw.peak_tflops * 1e12 * efficiency
     per_stage = b * executed_layers_seq / (p * t * c) / rate
     logits_time = b * logits_seq / (t * c) / rate
     layers_stage = model.num_layers // p
@@ -96,19 +106,19 @@ def predict_step(model: ModelSpec, train: TrainSpec, layout: Layout, opts: Optio
     # ---- tensor parallel: exposed collectives per layer per micro-batch
     tp_mb = 0.0
     if t > 1:
-        bw, lat = group_bandwidth(hw, 1, t)
+        bw, lat = group_bandwidth(hw, 1, t, eff)
         volume = e * b * s / c * model.hidden_size  # gathered activation
         per_collective = lat + (t - 1) / t * volume / bw
-        exposed = (C.TP_COLLECTIVES_PER_LAYER * C.TP_OVERLAP_EXPOSED_FRACTION if opts.tp_comm_overlap
+        exposed = (C.TP_COLLECTIVES_PER_LAYER * eff.tp_overlap_exposed if opts.tp_comm_overlap
                    else C.TP_COLLECTIVES_EXPOSED)
         if layout.recompute == "full":
-            exposed += 4 * (C.TP_OVERLAP_EXPOSED_FRACTION if opts.tp_comm_overlap else 1.0)
+            exposed += 4 * (eff.tp_overlap_exposed if opts.tp_comm_overlap else 1.0)
         tp_mb = layers_stage * exposed * per_collective
 
     # ---- context parallel: ring exchange of K and V, hidden under attention compute
     cp_mb = 0.0
     if c > 1:
-        bw, lat = group_bandwidth(hw, t, c)
+        bw, lat = group_bandwidth(hw, t, c, eff)
         kv_heads = max(model.num_query_groups / t, 1.0)
         kv = e * b * s / c * 2 * kv_heads * model.head_dim
         comm = 3 * (c - 1) * (lat + kv / bw)  # forward KV, backward KV + dKV
@@ -126,7 +136,7 @@ def predict_step(model: ModelSpec, train: TrainSpec, layout: Layout, opts: Optio
     # ---- pipeline point-to-point
     pp_s = 0.0
     if p > 1:
-        bw, lat = group_bandwidth(hw, t * c * d, p)
+        bw, lat = group_bandwidth(hw, t * c * d, p, eff)
         sp = t if layout.sp else 1
         msg = e * b * s / c * model.hidden_size / sp
         pp_s = 2 * (m * v + p - 1) * (lat + msg / bw)
@@ -137,7 +147,7 @@ def predict_step(model: ModelSpec, train: TrainSpec, layout: Layout, opts: Optio
     stage_param_counts = [sum(stage_params(model, layout, r)) for r in {0, p - 1}]
     params_rank = max(stage_param_counts)
     if g > 1:
-        bw, lat = group_bandwidth(hw, t, g)
+        bw, lat = group_bandwidth(hw, t, g, eff)
         sb = state_bytes(layout, opts)
         grad_bytes = params_rank * sb.grad
         ring = (g - 1) / g
@@ -147,7 +157,7 @@ def predict_step(model: ModelSpec, train: TrainSpec, layout: Layout, opts: Optio
         else:
             reduce_s, gather_s = lat + 2 * ring * grad_bytes / bw, 0.0
         bucket = min(1.0, max(C.DDP_BUCKET_PARAMS, 1_000_000 * g) / max(params_rank, 1))
-        window = t_max * C.DP_OVERLAP_EFFICIENCY
+        window = t_max * eff.dp_overlap
         if opts.overlap_grad_reduce:
             reduce_s = max(reduce_s * bucket, reduce_s - window * 2 / 3)
         if opts.overlap_param_gather and layout.distributed_optimizer:
@@ -156,7 +166,7 @@ def predict_step(model: ModelSpec, train: TrainSpec, layout: Layout, opts: Optio
 
     # ---- optimizer: Adam over the local shard, memory-bound
     shard = params_rank / (g if layout.distributed_optimizer else 1)
-    optimizer_s = shard * C.OPTIMIZER_BYTES_PER_PARAM / (hw.hbm_bytes_per_s * C.HBM_EFFICIENCY)
+    optimizer_s = shard * C.OPTIMIZER_BYTES_PER_PARAM / (hw.hbm_bytes_per_s * eff.hbm)
 
     step = pipeline + pp_s + dp_s + optimizer_s
     tokens_per_s = B * s / step
@@ -165,7 +175,7 @@ def predict_step(model: ModelSpec, train: TrainSpec, layout: Layout, opts: Optio
     return StepTime(step_time_s=step, tokens_per_s=tokens_per_s, tflops_per_gpu=model_tflops, mfu=mfu,
                     compute_s=compute, bubble_s=bubble, tp_comm_s=m * tp_mb, cp_comm_s=m * cp_mb,
                     pp_comm_s=pp_s, dp_comm_s=dp_s, optimizer_s=optimizer_s, micro_batches=m,
-                    compute_efficiency=eff)
+                    compute_efficiency=efficiency)
 
 
 __all__ = ["StepTime", "predict_step", "flops_shape", "group_bandwidth", "compute_efficiency"]

@@ -34,7 +34,7 @@ def test_manual_layout_predicted_not_to_fit_is_refused(tmp_path: Path) -> None:
     proc = launcher(*P5, "cluster.nodes=4", f"runs_root={tmp_path}")
     assert proc.returncode == 2
     err = proc.stderr
-    assert "parallelism = 'tp=8 pp=4 vpp=5 cp=1 dp=1" in err and "exceeds the usable 68.0 GiB" in err
+    assert "parallelism = 'tp=8 pp=4 vpp=5 cp=1 dp=1" in err and "exceeds the usable 75.2 GiB" in err
     assert "activations" in err and "optimizer" in err  # the breakdown
     assert "try tp=" in err and "parallelism.allow_oom=true" in err  # a suggestion and the override
     assert "Traceback" not in err and not any(tmp_path.iterdir())
