@@ -33,10 +33,10 @@ from configs.errors import ConfigError, Problem
 from configs.schema import DataConfig, TrainingConfig
 from configs.validate import blend_name, parse_split
 from trainer.indexed import read_idx
+from trainer.samples import Sample
 from trainer.tokenize import BYTE_EOD
 
 MAX_STRIDE = 8
-Sample = dict[str, np.ndarray]  # tokens, labels, loss_mask, position_ids [, segment_ids], each [seq_length]
 TRAIN, VALID = 0, 1
 
 

@@ -2,6 +2,7 @@
 
     python -m trainer.tokenize --input a.jsonl b.txt --output-prefix data/corpus
     python -m trainer.tokenize --input a.jsonl --output-prefix data/corpus --tokenizer /models/llama3
+    python -m trainer.tokenize --sft --input chat.jsonl --tokenizer /models/llama3 --output-prefix data/chat
 
 Documents: one per line of a ``.jsonl`` (or JSON-lines ``.json``) file, taken from the
 ``--json-key`` field (default ``text``); one per plain-text file otherwise. Every document ends
@@ -10,6 +11,13 @@ with the end-of-document token.
 Tokenizers: bytes by default (UTF-8 bytes 0..255, EOD = 256, vocabulary 257: the ``tiny``
 model), or a Hugging Face tokenizer from a local directory (EOD = its ``eos_token_id``; needs
 the ``transformers`` package, nothing is downloaded).
+
+``--sft``: chat data for supervised fine-tuning (trainer.sft_prepare). Each line is
+``{"messages": [{"role": ..., "content": ...}, ...]}``, formatted with the tokenizer's chat
+template, which must mark assistant replies with ``{% generation %}``; writes ``PREFIX.bin/.idx``
+(tokens), ``PREFIX.mask.bin/.idx`` (assistant mask), ``PREFIX.docs.npy`` and ``PREFIX.sft.json``.
+``--max-length N`` drops conversations longer than N tokens (the trainer refuses them otherwise);
+``--workers N`` tokenizes in N processes.
 """
 
 from __future__ import annotations
@@ -162,7 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
     parser.add_argument("--tokenizer", default=None, help="local Hugging Face tokenizer directory (default: bytes)")
     parser.add_argument("--json-key", default="text", help="field holding the text in .jsonl lines")
+    parser.add_argument("--sft", action="store_true", help="chat .jsonl ({\"messages\": [...]}) with assistant masks")
+    parser.add_argument("--max-length", type=int, default=None, help="--sft: drop conversations longer than this")
+    parser.add_argument("--workers", type=int, default=1, help="--sft: tokenizer processes")
     args = parser.parse_args(argv)
+    if args.sft:
+        return _main_sft(args)
     try:
         tokenizer: Tokenizer = HuggingFaceTokenizer(args.tokenizer) if args.tokenizer else ByteTokenizer()
         summary = tokenize_files(args.input, args.output_prefix, tokenizer, args.json_key)
@@ -172,6 +185,36 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {args.output_prefix}.bin/.idx: {summary.documents} documents, {summary.tokens} tokens "
           f"(tokenizer {tokenizer.name}, eod={tokenizer.eod}, vocab={tokenizer.vocab_size}"
           f"{f', skipped {summary.skipped_empty} empty' if summary.skipped_empty else ''})")
+    return 0
+
+
+def _main_sft(args: argparse.Namespace) -> int:
+    from trainer.sft_prepare import ChatTokenizer, SFTDataError, prepare_sft
+
+    problems = []
+    if not args.tokenizer:
+        problems.append("--sft needs --tokenizer DIR: the Hugging Face tokenizer with the model's chat template")
+    if args.max_length is not None and args.max_length < 2:
+        problems.append(f"--max-length {args.max_length}: must be at least 2 tokens (use training.seq_length)")
+    if args.workers < 1:
+        problems.append(f"--workers {args.workers}: must be at least 1")
+    missing = [str(p) for p in args.input if not p.is_file()]
+    if missing:
+        problems.append(f"input file not found: {', '.join(missing)}")
+    if problems:
+        print("\n".join(f"error: {p}" for p in problems), file=sys.stderr)
+        return 2
+    try:
+        big = sum(p.stat().st_size for p in args.input) >= PROGRESS_MIN_BYTES
+        meta = prepare_sft(args.input, args.output_prefix, ChatTokenizer(args.tokenizer),
+                           max_length=args.max_length, workers=args.workers, show_progress=big)
+    except SFTDataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    dropped = meta["dropped_too_long"]
+    print(f"wrote {args.output_prefix}.bin/.idx, .mask.bin/.idx, .docs.npy, .sft.json: {meta['conversations']} "
+          f"conversations, {meta['tokens']} tokens, {meta['loss_tokens']} loss-bearing (tokenizer {args.tokenizer}, "
+          f"vocab={meta['vocab_size']}{f', dropped {dropped} longer than {args.max_length}' if dropped else ''})")
     return 0
 
 

@@ -84,12 +84,20 @@ def test_step_line_format_and_parse_round_trip() -> None:
 # ---------------------------------------------------------------------------- data and init
 
 
+def _text(source: SyntheticSource, index: int) -> np.ndarray:
+    """The seq_length + 1 tokens of a sample (inputs, then the last label)."""
+    sample = source.sample(index)
+    assert np.array_equal(sample["tokens"][1:], sample["labels"][:-1])
+    assert sample["loss_mask"].min() == 1 and np.array_equal(sample["position_ids"], np.arange(64))
+    return np.append(sample["tokens"], sample["labels"][-1])
+
+
 def test_synthetic_samples_depend_only_on_seed_and_index() -> None:
     a, b = SyntheticSource(257, 64, seed=1), SyntheticSource(257, 64, seed=1)
-    assert np.array_equal(a.sample(5), b.sample(5))
-    assert not np.array_equal(a.sample(5), a.sample(6))
-    assert not np.array_equal(a.sample(5), SyntheticSource(257, 64, seed=2).sample(5))
-    x = a.sample(7)
+    assert np.array_equal(_text(a, 5), _text(b, 5))
+    assert not np.array_equal(_text(a, 5), _text(a, 6))
+    assert not np.array_equal(_text(a, 5), _text(SyntheticSource(257, 64, seed=2), 5))
+    x = _text(a, 7)
     assert x.shape == (65,) and x.min() >= 0 and x.max() < 257
     stride = (x[1] - x[0]) % 257
     assert np.array_equal(np.diff(x) % 257, np.full(64, stride))  # an arithmetic progression
