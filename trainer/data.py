@@ -218,10 +218,10 @@ def microbatches(source: TokenSource, training: TrainingConfig, step: int, dp_ra
 def collate(samples: list[Sample]) -> dict[str, torch.Tensor]:
     batch = {key: torch.from_numpy(np.stack([s[key] for s in samples])) for key in
              ("tokens", "labels", "loss_mask", "position_ids")}
-    if any("segment_ids" in s for s in samples):
-        segments = torch.from_numpy(np.stack([s.get("segment_ids", np.zeros(len(s["tokens"]), dtype=np.int64))
-                                              for s in samples]))
-        batch["attention_mask"] = attention_mask(segments)
+    if any("segment_ids" in s for s in samples):  # packed documents: the forward step turns these into a
+        # block-diagonal mask (local layers) or THD cu_seqlens (Transformer Engine)
+        batch["segment_ids"] = torch.from_numpy(np.stack([s.get("segment_ids", np.zeros(len(s["tokens"]), dtype=np.int64))
+                                                          for s in samples]))
     return batch
 
 
