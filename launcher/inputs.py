@@ -122,14 +122,34 @@ def check_inputs(root: RootConfig) -> tuple[dict[str, str], list[str]]:
              "tokens_available": r.tokens_available, "train_tokens": r.train_tokens, "epochs": r.epochs}
             for r in reports]}, indent=2) + "\n"
     problems += _weights_problems(root, messages)
-    if root.training.data.tokenizer and not Path(root.training.data.tokenizer).is_dir():
-        problems.append(Problem("training.data.tokenizer", root.training.data.tokenizer, "is not a directory"))
+    problems += _tokenizer_problems(root)
     if problems:
         if root.dry_run:
             messages += [f"warning (dry run; a real launch refuses it): {p}" for p in problems]
         else:
             raise ConfigError(problems)
     return files, messages
+
+
+def _tokenizer_problems(root: RootConfig) -> list[Problem]:
+    """The tokenizer must be a directory; for SFT its chat template must mark assistant replies."""
+    d = root.training.data
+    if not d.tokenizer:
+        return []
+    if not Path(d.tokenizer).is_dir():
+        return [Problem("training.data.tokenizer", d.tokenizer, "is not a directory")]
+    if d.source != "sft":
+        return []
+    from trainer.sft_prepare import ChatTokenizer, SFTDataError
+
+    try:
+        tokenizer = ChatTokenizer(d.tokenizer)
+    except (SFTDataError, OSError, ValueError) as exc:
+        return [Problem("training.data.tokenizer", d.tokenizer, str(exc))]
+    if tokenizer.vocab_size > root.model.vocab_size:
+        return [Problem("model.vocab_size", root.model.vocab_size, f"is smaller than the tokenizer's {tokenizer.vocab_size} "
+                        f"tokens ({d.tokenizer})")]
+    return []
 
 
 def _weights_problems(root: RootConfig, messages: list[str]) -> list[Problem]:
