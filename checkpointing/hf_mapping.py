@@ -84,7 +84,8 @@ def hf_shape(name: str, dims: Dims) -> tuple[int, ...]:
         "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
         "q_proj.weight": (dims.heads * d, h), "k_proj.weight": (dims.groups * d, h),
         "v_proj.weight": (dims.groups * d, h), "q_proj.bias": (dims.heads * d,), "k_proj.bias": (dims.groups * d,),
-        "v_proj.bias": (dims.groups * d,), "o_proj.weight": (h, dims.heads * d), "gate_proj.weight": (f, h),
+        "v_proj.bias": (dims.groups * d,), "o_proj.weight": (h, dims.heads * d), "o_proj.bias": (h,),
+        "gate_proj.weight": (f, h),
         "up_proj.weight": (f, h), "down_proj.weight": (h, f),
     }
     key = name.split(".", 2)[-1] if name.startswith("model.layers.") else name.removeprefix("model.")

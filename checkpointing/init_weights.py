@@ -52,19 +52,19 @@ def resolve(path: str) -> InitSource:
                                    "node: e.g. on FSx)")])
     if (root / "config.json").is_file() and ((root / SINGLE_NAME).is_file() or (root / INDEX_NAME).is_file()):
         return InitSource("hf", str(root), f"Hugging Face model {root}")
-    if (root / MANIFEST_NAME).is_file():
+    run_dir = (root / "config.yaml").is_file()  # a run directory (its manifest.json lists library versions)
+    if not run_dir and (root / MANIFEST_NAME).is_file():
         return InitSource("checkpoint", str(root), f"checkpoint step {root}")
-    ckpt_dir = root
-    if (root / "config.yaml").is_file():  # a run directory: its own checkpoint directory
-        ckpt_dir = Path(_run_checkpoint_dir(root))
+    ckpt_dir = Path(_run_checkpoint_dir(root)) if run_dir else root
     store = CheckpointStore(str(ckpt_dir))
-    if store.committed_steps() or any(parse_step_name(p.name) is not None for p in root.iterdir()):
+    if store.committed_steps() or (ckpt_dir.is_dir() and any(parse_step_name(p.name) is not None
+                                                             for p in ckpt_dir.iterdir())):
         valid = store.newest_valid(checksums=False, say=lambda _line: None)
         if valid is None:
             raise ConfigError([Problem(FIELD, path, f"{ckpt_dir} has step directories but none is committed and "
                                        "intact (manifest and files): point at another checkpoint")])
         return InitSource("checkpoint", valid.path, f"checkpoint {valid.path} (newest committed step of {ckpt_dir})")
-    if (root / "config.yaml").is_file():
+    if run_dir:
         raise ConfigError([Problem(FIELD, path, f"this run has no committed checkpoint (in {ckpt_dir}) yet; "
                                    "init_from a run needs it to have saved a step")])
     raise ConfigError([Problem(FIELD, path, "is neither a Hugging Face model directory (config.json + "
@@ -228,6 +228,9 @@ class InitFromCallback:
         pass
 
     def on_train_end(self, state: Any, *, finished: bool, error: Optional[BaseException] = None) -> None:
+        pass
+
+    def after_shutdown(self, state: Any, *, finished: bool) -> None:
         pass
 
 

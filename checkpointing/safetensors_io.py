@@ -232,15 +232,42 @@ class ShardWriter:
         self.handle.write(struct.pack("<Q", len(raw)) + raw)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        planned = next(self.expected, None)
-        if planned is None or planned.name != name:
-            raise SafetensorsError(f"{self.path}: expected {planned.name if planned else 'no more tensors'}, got {name}")
+        planned = self._next(name)
         if tuple(tensor.shape) != planned.shape or tensor.dtype != planned.dtype:
             raise SafetensorsError(f"{self.path}: {name} is {list(tensor.shape)} {tensor.dtype}, planned "
                                    f"{list(planned.shape)} {planned.dtype}")
+        self._write_data(tensor)
+
+    def write_blocks(self, name: str, blocks: Iterable[torch.Tensor]) -> None:
+        """One tensor given as consecutive row blocks (dim 0), so a large one is never whole in memory."""
+        planned = self._next(name)
+        total = planned.shape[0] if planned.shape else 1
+        rows = 0
+        for block in blocks:
+            if not block.dim() or tuple(block.shape[1:]) != planned.shape[1:] or block.dtype != planned.dtype \
+                    or rows + block.shape[0] > total:
+                raise SafetensorsError(f"{self.path}: a block of {name} is {list(block.shape)} {block.dtype} after "
+                                       f"{rows} rows, planned {list(planned.shape)} {planned.dtype}")
+            rows += block.shape[0]
+            self._write_data(block)
+            del block  # before the next one is made
+        if rows != total:
+            raise SafetensorsError(f"{self.path}: {name} got {rows} rows, planned {list(planned.shape)}")
+
+    def _next(self, name: str) -> PlannedTensor:
+        planned = next(self.expected, None)
+        if planned is None or planned.name != name:
+            raise SafetensorsError(f"{self.path}: expected {planned.name if planned else 'no more tensors'}, got {name}")
+        return planned
+
+    def _write_data(self, tensor: torch.Tensor) -> None:
         data = tensor.detach().cpu().contiguous().reshape(-1)
         if data.numel():
-            self.handle.write(memoryview(data.view(torch.uint8).numpy()))
+            self.handle.write(data.view(torch.uint8).numpy().data)
+
+    def discard(self) -> None:
+        """Close after a failure without the completeness check (the caller removes the file)."""
+        self.handle.close()
 
     def close(self) -> None:
         leftover = next(self.expected, None)

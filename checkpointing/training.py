@@ -22,6 +22,7 @@ from typing import Any, Optional
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from checkpointing.export_final import export_final_step
 from checkpointing.init_weights import InitFromCallback, initialize_from
 from checkpointing.preflight import checkpoint_root
 from checkpointing.replicator_process import ReplicatorProcess
@@ -106,6 +107,12 @@ class CheckpointCallback:
 
     def on_validation(self, state: TrainState, report: Any) -> None:
         pass
+
+    def after_shutdown(self, state: TrainState, *, finished: bool) -> None:
+        """Rank 0, training finished: export the final step to Hugging Face format (checkpoint.export_hf)."""
+        if not (finished and self.cfg.export_hf and self.layout.rank == 0 and self._saved_step == state.step):
+            return
+        export_final_step(self.root_cfg, self.store.path(state.step), state.step, self._say)
 
     def on_train_end(self, state: TrainState, *, finished: bool, error: Optional[BaseException] = None) -> None:
         self._restore_signal_handlers()

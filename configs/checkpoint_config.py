@@ -103,6 +103,8 @@ def check(cfg: CheckpointConfig, add: AddProblem) -> None:
     if cfg.init_from is not None and not str(cfg.init_from).strip():
         add("checkpoint.init_from", cfg.init_from, "must be a directory (a Hugging Face model, a checkpoint or "
             "run directory of ours), or null to start from random weights")
+    if cfg.export_hf and not cfg.enabled:
+        add("checkpoint.export_hf", True, "exports the final committed checkpoint: set checkpoint.enabled=true")
     if cfg.export_dtype not in EXPORT_DTYPES:
         add("checkpoint.export_dtype", cfg.export_dtype, f"must be one of {', '.join(EXPORT_DTYPES)}")
     if parse_size(cfg.export_max_shard_size) is None:

@@ -75,8 +75,11 @@ def model_fields(raw: dict[str, Any], path: str) -> dict[str, Any]:
         "vocab_size": need("vocab_size"), "norm_eps": float(raw.get("rms_norm_eps", 1e-6)),
         "max_position_embeddings": int(raw.get("max_position_embeddings", 8192)),
         "tie_embeddings": bool(raw.get("tie_word_embeddings", False)), "hf_architecture": arch,
-        "qkv_bias": True if arch == "Qwen2ForCausalLM" else bool(raw.get("attention_bias", False)),
+        "qkv_bias": arch == "Qwen2ForCausalLM",
     }
+    if arch == "LlamaForCausalLM" and raw.get("attention_bias"):
+        problems.append(Problem("model.hf_path", path, "attention_bias=true: a Llama with attention biases also biases "
+                                "o_proj, which megatron's layers cannot hold (only Q, K, V biases: Qwen2)"))
     head_dim = raw.get("head_dim")
     fields["head_dim"] = None if head_dim is None or (heads and hidden and head_dim * heads == hidden) else head_dim
     if raw.get("hidden_act", "silu") != "silu":

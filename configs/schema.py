@@ -69,6 +69,9 @@ class ClusterConfig:
     time_limit: str = "04:00:00"  # Slurm time: [D-]HH:MM:SS
     exclusive: bool = True
     gpus_per_node_flag: bool = False  # emit --gpus-per-node (generic clusters with GPU GRES)
+    # Transformer Engine on the nodes (memory_predictor.kernels): null = auto at launch (a container image
+    # is taken to carry it, as NGC/DLC images do; otherwise the launching environment is probed)
+    transformer_engine: Optional[bool] = None
     container_image: Optional[str] = None  # pyxis/enroot image (.sqsh path or registry URI)
     container_mounts: list[str] = field(default_factory=list)  # "src:dst" pairs
     requeue: bool = True

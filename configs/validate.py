@@ -82,8 +82,8 @@ def _check_positive(cfg: RootConfig, add) -> None:
                       ("training.train_steps", t.train_steps), ("training.train_tokens", t.train_tokens)):
         if opt is not None and opt <= 0:
             add(name, opt, "must be a positive integer, or null")
-    if t.lr <= 0:
-        add("training.lr", t.lr, "must be > 0")
+    if t.lr < 0:
+        add("training.lr", t.lr, "must be >= 0 (0: evaluate or export without changing the weights)")
     if t.min_lr < 0 or t.min_lr > t.lr:
         add("training.min_lr", t.min_lr, f"must be between 0 and training.lr ({t.lr})")
     if t.lr_warmup_steps < 0:
@@ -292,6 +292,11 @@ def _check_layout(cfg: RootConfig, add) -> None:
     if c.gpu_type == "cpu" and p.cp > 1:
         add("parallelism.cp", p.cp, "context parallelism needs Transformer Engine attention on GPUs; "
             "on CPU (gpu_type=cpu) set cp=1")
+    if c.gpu_type != "cpu" and c.transformer_engine is False and p.cp > 1:
+        add("parallelism.cp", p.cp, "context parallelism needs Transformer Engine attention and "
+            "cluster.transformer_engine=false: set cp=1 or use an image with Transformer Engine")
+    if c.transformer_engine is False and p.tp_comm_overlap:
+        add("parallelism.tp_comm_overlap", True, "needs Transformer Engine userbuffers (cluster.transformer_engine=false)")
     if c.gpu_type == "cpu" and p.tp_comm_overlap:
         add("parallelism.tp_comm_overlap", True, "needs Transformer Engine on GPUs; on CPU set it false")
     if p.tp_comm_overlap and not p.sequence_parallel:

@@ -85,17 +85,22 @@ def launch(root: RootConfig, argv: list[str]) -> int:
     dependency_notes: list[str] = []
     if root.depends_on:
         root, dependency_notes = with_dependency(root, root.depends_on)
+    from configs.validate import validate
     from launcher.inputs import check_inputs
+    from launcher.kernels import resolve as resolve_kernels
     from launcher.sizing import apply_predictor
 
+    root, kernels, kernel_files, kernel_notes = resolve_kernels(root)  # cluster.transformer_engine
+    validate(root)  # the rules that depend on the kernels (context parallelism needs TE, ...)
     root, predicted, notes = apply_predictor(root)  # parallelism=auto, fit check of manual layouts
     inputs, input_notes = check_inputs(root)  # data sources, init_from weights, tokenizer
-    for note in dependency_notes + notes + input_notes:
+    for note in dependency_notes + kernel_notes + notes + input_notes:
         console.info(note)
     workdir = root.cluster.workdir or str(PROJECT_ROOT)
     run_dir = new_run_dir_path(root.runs_root, root.run_name)
     files, executable = render_files(root, run_dir, workdir, argv)
     files.update(predicted)
+    files.update(kernel_files)
     files.update(inputs)
     create_run_dir(run_dir, files, executable)
     if root.dry_run:

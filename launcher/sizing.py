@@ -26,6 +26,7 @@ from configs.validate import validate
 from memory_predictor.cli import evaluation_json
 from memory_predictor.constants import GIB
 from memory_predictor.errors import PredictorError
+from memory_predictor.kernels import choose_kernels
 from memory_predictor.search import SearchResult, search
 from memory_predictor.spec import Hardware, Layout, ModelSpec, Options, TrainSpec, hardware
 
@@ -43,13 +44,15 @@ def model_spec(root: RootConfig) -> ModelSpec:
 
 
 def options(root: RootConfig) -> Options:
-    par = root.parallelism
-    base = Options(precision=root.training.precision, overlap_grad_reduce=par.overlap_grad_reduce,
+    """The predictor's numerics and kernels: the same decision the trainer builds with."""
+    par, c = root.parallelism, root.cluster
+    te = bool(c.transformer_engine) if c.transformer_engine is not None else c.gpu_type != "cpu"
+    k = choose_kernels(c.gpu_type, transformer_engine=te)
+    return Options(precision=root.training.precision, overlap_grad_reduce=par.overlap_grad_reduce,
                    overlap_param_gather=par.overlap_param_gather, usable_fraction=par.usable_memory_fraction,
-                   tp_comm_overlap=par.tp_comm_overlap)
-    if root.cluster.gpu_type == "cpu":  # the trainer's eager kernels (no Transformer Engine)
-        return replace(base, flash_attention=False, fused_norm=False, fused_swiglu=False, tp_comm_overlap=False)
-    return base
+                   tp_comm_overlap=par.tp_comm_overlap and k.transformer_engine, flash_attention=k.flash_attention,
+                   fused_norm=k.transformer_engine, fused_swiglu=k.fused_swiglu,
+                   gradient_accumulation_fusion=k.gradient_accumulation_fusion)
 
 
 def device(root: RootConfig) -> Hardware:

@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.config}: {exc}", file=sys.stderr)
         return 2
 
+    from checkpointing.export_final import ExportFailed
     from checkpointing.preflight import RUN_DIR_ENV, preflight
     from trainer.loop import train
 
@@ -65,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except ExportFailed as exc:  # training finished and its checkpoint is committed; the export is not
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

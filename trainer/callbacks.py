@@ -62,6 +62,10 @@ class TrainingCallback(Protocol):
     def on_train_end(self, state: TrainState, *, finished: bool, error: Optional[BaseException] = None) -> None:
         """``error`` is set when training raised: do not start collectives (peers may be gone)."""
 
+    def after_shutdown(self, state: TrainState, *, finished: bool) -> None:
+        """Once the process group is gone (no collectives): long single-rank work such as an export,
+        which must not keep the other ranks waiting in a collective that could time out."""
+
 
 CallbackFactory = Callable[[RootConfig, Layout], "list[TrainingCallback]"]
 """Builds this rank's callbacks once the process group exists (the entry point supplies it)."""

@@ -23,7 +23,7 @@ from trainer.callbacks import CallbackFactory, StepReport, TrainState, no_callba
 from trainer.data import build_source, build_validation, microbatches
 from trainer.distributed import Layout, init_distributed, shutdown
 from trainer.evaluation import evaluate
-from trainer.model import build_model, transformer_config, transformer_engine_available
+from trainer.model import build_model, runtime_kernels, transformer_config
 from trainer.optim import build_lr_schedule, build_optimizer
 from trainer.step import forward_step as _forward_step
 from trainer.step import global_mean_loss
@@ -45,14 +45,15 @@ def train(cfg: RootConfig, make_callbacks: CallbackFactory = no_callbacks) -> Tr
     device = torch.device("cpu") if layout.gloo else torch.device("cuda", layout.local_rank)
     total_steps = train_steps(cfg)
 
-    config = transformer_config(m, par, t.precision, gloo=layout.gloo)
+    kernels = runtime_kernels(cfg.cluster.gpu_type, layout.gloo, cfg.cluster.transformer_engine)
+    config = transformer_config(m, par, t.precision, gloo=layout.gloo, kernels=kernels)
     packed = t.data.source == "sft" and t.data.pack_sequences
-    packed_thd = packed and transformer_engine_available(layout.gloo)
+    packed_thd = packed and kernels.transformer_engine
     if packed_thd and t.micro_batch_size != 1:
         raise ConfigError([Problem("training.micro_batch_size", t.micro_batch_size, "packed SFT sequences with "
                                    "Transformer Engine (THD format) take one packed sequence per micro-batch: set it "
                                    "to 1 (raise training.seq_length to pack more)")])
-    model = build_model(m, par, config, seed=t.seed, packed_positions=packed and not packed_thd)
+    model = build_model(m, par, config, seed=t.seed, packed_positions=packed and not packed_thd, kernels=kernels)
     optimizer = build_optimizer(model, t, par)
     lr_schedule = build_lr_schedule(optimizer, t, total_steps)
     config.grad_scale_func = optimizer.scale_loss
@@ -86,6 +87,9 @@ def train(cfg: RootConfig, make_callbacks: CallbackFactory = no_callbacks) -> Tr
         print(f"layout: world={layout.world_size} tp={par.tp} pp={par.pp} vpp={vpp} cp={par.cp} dp={layout.dp_size} "
               f"sp={par.sequence_parallel} backend={layout.backend} micro_batches={num_microbatches} "
               f"steps={total_steps} start_step={state.step + 1}", flush=True)
+        print(f"kernels: {kernels.reason} (te={kernels.transformer_engine} flash={kernels.flash_attention} "
+              f"swiglu={kernels.fused_swiglu} rope={kernels.rope_fusion} "
+              f"wgrad_fusion={kernels.gradient_accumulation_fusion} ce_fusion={kernels.cross_entropy_fusion})", flush=True)
 
     losses: list[float] = []
     state.extra["source"] = source
@@ -107,6 +111,8 @@ def train(cfg: RootConfig, make_callbacks: CallbackFactory = no_callbacks) -> Tr
         print(metrics.format_final_line(total_steps, losses[-1] if losses else float("nan")), flush=True)
         control.mark_finished()
     shutdown()
+    for callback in callbacks:
+        callback.after_shutdown(state, finished=finished)
     return TrainResult(steps=len(losses), losses=losses)
 
 

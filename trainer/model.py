@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+import socket
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,7 @@ from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 from configs.schema import ModelConfig, ParallelismConfig
+from memory_predictor.kernels import Kernels, choose_kernels
 from configs.derived import padded_vocab_size
 from configs.errors import ConfigError, Problem
 from trainer.param_init import initialize_layout_independent
@@ -44,10 +46,7 @@ class TorchRMSNorm(torch.nn.RMSNorm):
             setattr(param, "sequence_parallel", config.sequence_parallel)
 
 
-def transformer_engine_available(gloo: bool) -> bool:
-    """Transformer Engine layers on GPUs that have them (NGC/DLC containers); local layers otherwise."""
-    if gloo:
-        return False
+def transformer_engine_importable() -> bool:
     try:
         import transformer_engine  # noqa: F401
     except ImportError:
@@ -55,9 +54,28 @@ def transformer_engine_available(gloo: bool) -> bool:
     return True
 
 
-def transformer_config(model: ModelConfig, par: ParallelismConfig, precision: str, *, gloo: bool) -> TransformerConfig:
-    """megatron's TransformerConfig for this model, layout and precision."""
-    te = transformer_engine_available(gloo)
+def runtime_kernels(gpu_type: str, gloo: bool, planned: Optional[bool] = None) -> Kernels:
+    """The launch's kernel decision (``cluster.transformer_engine``), checked against this process.
+
+    ``planned=None`` (a config not written by the launcher): whatever is importable here. A plan
+    of Transformer Engine kernels that cannot be imported is an error, never a silent fallback to
+    the slower, hungrier local layers the plan did not size."""
+    if gloo:
+        return choose_kernels("cpu", transformer_engine=False)
+    have = transformer_engine_importable()
+    if planned and not have:
+        raise ConfigError([Problem("cluster.transformer_engine", True, f"the launch planned Transformer Engine kernels "
+                                   f"but transformer_engine cannot be imported on {socket.gethostname()}: install it "
+                                   "in the image (NGC/DLC PyTorch images carry it), or launch again with "
+                                   "cluster.transformer_engine=false (local layers: slower, more memory)")])
+    return choose_kernels(gpu_type, transformer_engine=have if planned is None else planned)
+
+
+def transformer_config(model: ModelConfig, par: ParallelismConfig, precision: str, *, gloo: bool,
+                       kernels: Optional[Kernels] = None) -> TransformerConfig:
+    """megatron's TransformerConfig for this model, layout, precision and kernels."""
+    kernels = kernels or runtime_kernels("gpu", gloo)
+    te = kernels.transformer_engine
     if par.cp > 1 and not te:
         raise ConfigError([Problem("parallelism.cp", par.cp, "context parallelism needs Transformer Engine "
                                    "attention; this trainer uses megatron's local layers: set cp=1")])
@@ -89,7 +107,7 @@ def transformer_config(model: ModelConfig, par: ParallelismConfig, precision: st
         hidden_dropout=0.0,
         attention_dropout=0.0,
         # fused kernels need Transformer Engine / apex / torch.compile: plain torch ops instead
-        bias_activation_fusion=False,
+        bias_activation_fusion=kernels.fused_swiglu,
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
@@ -115,8 +133,8 @@ def transformer_config(model: ModelConfig, par: ParallelismConfig, precision: st
     )
 
 
-def _layer_stack_spec(config: TransformerConfig, vp_stage: int | None) -> Any:
-    if transformer_engine_available(gloo=not torch.cuda.is_available()):
+def _layer_stack_spec(config: TransformerConfig, vp_stage: int | None, te: bool = False) -> Any:
+    if te:
         # TE's fused layers: context parallelism (TE attention), TP comm overlap, TE RMSNorm
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
@@ -189,12 +207,12 @@ class PositionRoPEGPTModel(GPTModel):
 
 
 def _gpt_chunk(model: ModelConfig, config: TransformerConfig, vp_stage: int | None,
-               packed_positions: bool = False) -> GPTModel:
+               packed_positions: bool = False, te: bool = False) -> GPTModel:
     rope_base: float = model.rope_theta
     cls = PositionRoPEGPTModel if packed_positions else GPTModel
     chunk = cls(
         config=config,
-        transformer_layer_spec=_layer_stack_spec(config, vp_stage),  # type: ignore[arg-type]
+        transformer_layer_spec=_layer_stack_spec(config, vp_stage, te),  # type: ignore[arg-type]
         vocab_size=padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by),
         max_sequence_length=model.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
@@ -217,13 +235,15 @@ def _gpt_chunk(model: ModelConfig, config: TransformerConfig, vp_stage: int | No
 
 
 def build_model(model: ModelConfig, par: ParallelismConfig, config: TransformerConfig,
-                seed: int, *, packed_positions: bool = False) -> list[DistributedDataParallel]:
+                seed: int, *, packed_positions: bool = False,
+                kernels: Optional[Kernels] = None) -> list[DistributedDataParallel]:
     """This rank's model chunks (one per virtual stage), initialised and DDP-wrapped.
 
     ``packed_positions``: RoPE from per-token positions (packed SFT on the local layers)."""
     vpp = config.virtual_pipeline_model_parallel_size
     stages: list[int | None] = list(range(vpp)) if vpp else [None]
-    chunks = [_gpt_chunk(model, config, stage, packed_positions) for stage in stages]
+    te = (kernels or runtime_kernels("gpu", gloo=not torch.cuda.is_available())).transformer_engine
+    chunks = [_gpt_chunk(model, config, stage, packed_positions, te) for stage in stages]
     for chunk in chunks:
         initialize_layout_independent(chunk, config, seed=seed, tied_embeddings=model.tie_embeddings)
     modules: list[torch.nn.Module] = list(chunks)

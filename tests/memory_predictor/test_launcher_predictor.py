@@ -31,7 +31,7 @@ def test_auto_picks_a_layout_and_records_alternatives(tmp_path: Path) -> None:
 
 
 def test_manual_layout_predicted_not_to_fit_is_refused(tmp_path: Path) -> None:
-    proc = launcher(*P5, "cluster.nodes=4", f"runs_root={tmp_path}")
+    proc = launcher(*P5, "cluster.nodes=4", "training.micro_batch_size=2", f"runs_root={tmp_path}")
     assert proc.returncode == 2
     err = proc.stderr
     assert "parallelism = 'tp=8 pp=4 vpp=5 cp=1 dp=1" in err and "exceeds the usable 75.2 GiB" in err
@@ -41,7 +41,8 @@ def test_manual_layout_predicted_not_to_fit_is_refused(tmp_path: Path) -> None:
 
 
 def test_allow_oom_launches_anyway_with_a_warning(tmp_path: Path) -> None:
-    proc = launcher(*P5, "cluster.nodes=4", "parallelism.allow_oom=true", f"runs_root={tmp_path}")
+    proc = launcher(*P5, "cluster.nodes=4", "training.micro_batch_size=2", "parallelism.allow_oom=true",
+                    f"runs_root={tmp_path}")
     assert proc.returncode == 0, proc.stderr
     assert "warning: predicted peak" in proc.stdout
     assert json.loads((only_run(tmp_path) / "prediction.json").read_text())["fits"] is False
