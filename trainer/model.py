@@ -106,12 +106,14 @@ def transformer_config(model: ModelConfig, par: ParallelismConfig, precision: st
         kv_channels=model.head_dim,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        # fused kernels need Transformer Engine / apex / torch.compile: plain torch ops instead
+        # fusions: the one kernel decision (memory_predictor.kernels), which the predictor also uses
         bias_activation_fusion=kernels.fused_swiglu,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
+        bias_dropout_fusion=False,  # no dropout
+        masked_softmax_fusion=kernels.masked_softmax_fusion,
+        apply_rope_fusion=kernels.rope_fusion,
+        gradient_accumulation_fusion=kernels.gradient_accumulation_fusion,
+        cross_entropy_loss_fusion=kernels.cross_entropy_fusion,
+        cross_entropy_fusion_impl=kernels.cross_entropy_impl,  # type: ignore[arg-type]
         persist_layer_norm=False,
         tensor_model_parallel_size=par.tp,
         pipeline_model_parallel_size=par.pp,
