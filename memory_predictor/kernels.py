@@ -10,7 +10,7 @@ of silently falling back to slower, hungrier ones.
 
 On GPUs with Transformer Engine these are Megatron-LM's Llama recipe settings: TE layers (fused
 norm + linear, fused/flash attention), fused SwiGLU (``bias_activation_fusion``), fused RoPE,
-weight-gradient accumulation fused into the GEMM, and the fused vocab-parallel cross entropy.
+weight-gradient accumulation fused into the GEMM, and megatron's fused vocab-parallel cross entropy.
 Without TE on a GPU: megatron's local layers with unfused ``s^2`` attention and only the fusions
 megatron implements itself (SwiGLU through its JIT fuser, the native cross entropy). On CPU:
 plain torch ops everywhere (the tests' path).
@@ -47,7 +47,8 @@ def choose_kernels(gpu_type: str, *, transformer_engine: bool) -> Kernels:
     if transformer_engine:
         return Kernels(transformer_engine=True, flash_attention=True, fused_swiglu=True, rope_fusion=True,
                        masked_softmax_fusion=False, gradient_accumulation_fusion=True, cross_entropy_fusion=True,
-                       cross_entropy_impl="te", reason="GPU with Transformer Engine: Megatron-LM's Llama recipe kernels")
+                       cross_entropy_impl="native",  # megatron's own fused kernel: no TE version requirement
+                       reason="GPU with Transformer Engine: Megatron-LM's Llama recipe kernels")
     return Kernels(transformer_engine=False, flash_attention=False, fused_swiglu=True, rope_fusion=False,
                    masked_softmax_fusion=False, gradient_accumulation_fusion=False, cross_entropy_fusion=True,
                    cross_entropy_impl="native",
