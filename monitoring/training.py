@@ -163,6 +163,9 @@ class MonitoringCallback:
         if self.prometheus is not None:
             self.prometheus.add_overhead(spent)
 
+    def after_shutdown(self, state: TrainState, *, finished: bool) -> None:
+        pass
+
     def on_validation(self, state: TrainState, report: Any) -> None:
         self.sinks.validation(ValidationSample(step=report.step, loss=report.loss, perplexity=report.perplexity,
                                                per_source=dict(report.per_source)))
