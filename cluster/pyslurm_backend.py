@@ -83,6 +83,9 @@ class PyslurmBackend:
             except Exception as exc:
                 if not _is_rpc_error(ps, exc):
                     raise
+                if CONTROLLER_UNREACHABLE.search(str(exc)):  # not "purged": nothing is known about the job
+                    raise BackendError(f"pyslurm could not load job {job_id}; {UNREACHABLE_HINT}",
+                                       stderr=str(exc)) from exc
                 continue  # purged from slurmctld (older than MinJobAge): ask the database
             found[job_id] = self._from_ctld_job(job_id, job)
         missing = [j for j in ids if j not in found]

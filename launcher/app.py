@@ -102,7 +102,12 @@ def launch(root: RootConfig, argv: list[str]) -> int:
     files.update(predicted)
     files.update(kernel_files)
     files.update(inputs)
-    create_run_dir(run_dir, files, executable)
+    try:
+        create_run_dir(run_dir, files, executable)
+    except OSError as exc:  # nothing half-written: the directory is renamed into place only when complete
+        raise ConfigError([Problem("runs_root", root.runs_root, f"cannot hold run directories ({exc.strerror or exc}: "
+                                   f"{exc.filename or run_dir}); set runs_root=<a writable directory> (on a cluster: "
+                                   "one every node sees, e.g. /fsx/runs)")]) from None
     if root.dry_run:
         console.info(f"dry run: rendered {len(files)} files, submitted nothing")
         for name in sorted(files):

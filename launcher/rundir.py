@@ -71,10 +71,19 @@ def write_job_record(run_dir: Path, record: dict[str, Any]) -> None:
 
 
 def read_job_record(run_dir: Path) -> dict[str, Any]:
+    """The run's job record; a corrupt or unreadable one is reported as state UNKNOWN with the reason
+    (never a traceback: ``list``, ``status`` and ``logs`` keep working)."""
+    path = run_dir / JOB_FILE
     try:
-        return json.loads((run_dir / JOB_FILE).read_text())
+        record = json.loads(path.read_text())
     except FileNotFoundError:
         return {}
+    except (OSError, ValueError) as exc:
+        return {"state": "UNKNOWN", "reason": f"{path} is unreadable ({type(exc).__name__}: {exc}); the run's logs "
+                "are in its logs/ directory"}
+    if not isinstance(record, dict):
+        return {"state": "UNKNOWN", "reason": f"{path} is not a JSON object"}
+    return record
 
 
 def list_run_dirs(runs_root: str) -> list[Path]:

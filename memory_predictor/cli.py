@@ -192,6 +192,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _search(args: argparse.Namespace):
     from memory_predictor.search import search
 
+    for flag in ("heatmap", "plot"):
+        if getattr(args, flag, None):  # an unwritable output fails before the search, not after it
+            from memory_predictor import render
+
+            render.check_output(getattr(args, flag), f"--{flag}")
     _sizes(args, ("gbs", "seq", "nodes", "gpus_per_node", "top", "max_mbs"))
     if args.mbs:
         _sizes(argparse.Namespace(mbs=min(args.mbs)), ("mbs",))

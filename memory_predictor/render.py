@@ -7,6 +7,7 @@ prints cannot drift apart. GiB everywhere (2**30 bytes).
 from __future__ import annotations
 
 import html
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -167,10 +168,29 @@ def _pyplot(path: str):
     return plt
 
 
+def check_output(path: str, flag: str) -> None:
+    """Refuse an output path that cannot be written before any work is done (PredictorError)."""
+    target = Path(path).expanduser()
+    parent = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise PredictorError([Problem(flag, path, "is a directory; give a file name (.html, .png or .svg)")])
+    if not parent.is_dir():
+        raise PredictorError([Problem(flag, path, f"its directory {parent} does not exist; create it first")])
+    if not os.access(parent, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise PredictorError([Problem(flag, path, "is not writable here; choose another path")])
+
+
+def _write_text(path: str, text: str) -> None:
+    try:
+        Path(path).write_text(text)
+    except OSError as exc:
+        raise PredictorError([Problem("output", path, f"cannot be written: {exc.strerror or exc}")]) from None
+
+
 def write_heatmap(path: str, rows: Sequence[tuple[str, Sequence[float | None]]], micro_batches: Sequence[int],
                   usable: float, title: str) -> None:
     if path.endswith((".html", ".htm")):
-        Path(path).write_text(heatmap_html(rows, micro_batches, usable, title))
+        _write_text(path, heatmap_html(rows, micro_batches, usable, title))
         return
     plt = _pyplot(path)
     import numpy as np
@@ -204,7 +224,7 @@ def _cumulative(plan: TrainingPlan) -> tuple[list[float], list[float], list[floa
 def write_schedule_plot(path: str, plan: TrainingPlan, title: str) -> None:
     days, tokens, boundaries = _cumulative(plan)
     if path.endswith((".html", ".htm")):
-        Path(path).write_text(_schedule_svg_html(days, tokens, boundaries, title))
+        _write_text(path, _schedule_svg_html(days, tokens, boundaries, title))
         return
     plt = _pyplot(path)
     fig, ax = plt.subplots(figsize=(8, 4))

@@ -40,3 +40,27 @@ def test_management_commands_explain_missing_runs(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "no runs under" in proc.stderr and "Traceback" not in proc.stderr
     proc = launcher("logs", "nope", "--runs-root", str(tmp_path))
     assert proc.returncode == 2 and "no run named 'nope'" in proc.stderr
+
+
+def test_unusable_runs_root_is_a_config_error_not_a_traceback(tmp_path: Path) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    for bad in ("/proc/no-such-dir", str(a_file)):  # as root too: the directory is really tried
+        proc = launcher("config=tiny_local", "dry_run=true", f"runs_root={bad}")
+        assert proc.returncode == 2, proc.stderr
+        assert f"runs_root = '{bad}': cannot hold run directories" in proc.stderr
+        assert "Traceback" not in proc.stderr and "Error executing job" not in proc.stderr
+
+
+def test_corrupt_job_record_is_reported_not_a_traceback(tmp_path: Path) -> None:
+    proc = launcher("config=tiny_local", "dry_run=true", f"runs_root={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    run = next(tmp_path.iterdir())
+    (run / "job.json").write_text('{"state": "RUNN')  # torn by a crash or a full disk
+    for command in (["status", str(run)], ["logs", str(run)], ["list", "--runs-root", str(tmp_path)],
+                    ["cancel", str(run)]):
+        out = launcher(*command, "--runs-root", str(tmp_path)) if command[0] != "list" else launcher(*command)
+        assert out.returncode == 0, (command, out.stderr)
+        assert "Traceback" not in out.stderr, command
+    status = launcher("status", str(run), "--runs-root", str(tmp_path))
+    assert "UNKNOWN" in status.stdout and "job.json is unreadable" in status.stdout

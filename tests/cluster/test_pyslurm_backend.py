@@ -19,7 +19,8 @@ class RPCError(Exception):
 
 
 def make_fake_pyslurm(version: str = "22.5.0", *, submit_error: str | None = None,
-                      ctld_jobs: dict | None = None, db_jobs: list | None = None) -> types.ModuleType:
+                      ctld_jobs: dict | None = None, db_jobs: list | None = None,
+                      load_error: str = "Invalid job id specified") -> types.ModuleType:
     """Just the slice of pyslurm's object API (>= 23.2) the backend touches, recording calls."""
     mod = types.ModuleType("pyslurm")
     mod.calls = []
@@ -51,7 +52,7 @@ def make_fake_pyslurm(version: str = "22.5.0", *, submit_error: str | None = Non
         def load(job_id):
             mod.calls.append(("Job.load", job_id))
             if job_id not in ctld_jobs:
-                raise RPCError("Invalid job id specified")
+                raise RPCError(load_error)
             return ctld_jobs[job_id]
 
         def cancel(self):
@@ -124,6 +125,31 @@ def test_status_from_slurmctld_then_database():
 def test_status_without_slurmdbd_is_unknown_not_an_error():
     ps = make_fake_pyslurm(db_jobs=None)
     assert PyslurmBackend(ps).status(["9"])["9"].state is JobState.UNKNOWN
+
+
+def test_status_with_an_unreachable_controller_is_a_backend_error_not_unknown():
+    """A dead slurmctld is not a purged job: `wait` would otherwise poll UNKNOWN forever."""
+    from cluster.backend import BackendError
+
+    ps = make_fake_pyslurm(load_error="Unable to contact slurm controller (connect failure)", db_jobs=[])
+    with pytest.raises(BackendError, match="controller is not reachable"):
+        PyslurmBackend(ps).status(["5"])
+
+
+def test_wait_with_an_unreachable_controller_exits_4(tmp_path, monkeypatch, capsys):
+    import json
+
+    from launcher import cli, jobs
+
+    run = tmp_path / "run-1"
+    run.mkdir()
+    (run / "config.yaml").write_text("{}")
+    (run / "job.json").write_text(json.dumps({"backend": "slurm", "slurm_backend": "pyslurm", "job_id": "5",
+                                              "state": "RUNNING"}))
+    ps = make_fake_pyslurm(load_error="Unable to contact slurm controller (connect failure)", db_jobs=[])
+    monkeypatch.setattr(jobs, "_backend", lambda record: PyslurmBackend(ps))
+    assert cli.run_subcommand(["wait", str(run), "--runs-root", str(tmp_path), "--timeout", "5"]) == 4
+    assert "controller is not reachable" in capsys.readouterr().err
 
 
 def test_cancel():

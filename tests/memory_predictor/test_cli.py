@@ -202,3 +202,18 @@ def test_real_process_exit_codes_and_no_traceback() -> None:
                            "--json"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and json.loads(proc.stdout)["layouts"]
     assert "torch" not in proc.stderr
+
+
+@pytest.mark.parametrize("flag,command", [("--heatmap", "search"), ("--plot", "plan")])
+def test_unwritable_output_is_a_message_not_a_traceback(tmp_path, flag, command) -> None:
+    import subprocess
+    import sys
+
+    args = ["--model", "llama3.1_8b", "--gpu", "h100-80gb", "--nodes", "2", "--seq", "8192", "--gbs", "256"]
+    if command == "plan":
+        args += ["--tokens", "1T"]
+    for bad, why in ((tmp_path / "no" / "such" / "out.html", "does not exist"), (tmp_path, "is a directory")):
+        proc = subprocess.run([sys.executable, "-m", "memory_predictor", command, *args, flag, str(bad)],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2, proc.stderr
+        assert flag in proc.stderr and why in proc.stderr and "Traceback" not in proc.stderr
