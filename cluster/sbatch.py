@@ -17,7 +17,7 @@ import re
 import shlex
 from dataclasses import dataclass
 
-from cluster.instances import GPU_ENV, instance_env
+from cluster.instances import EFA_LIBRARY_DIRS, GPU_ENV, efa_device_count_command, instance_env
 from configs.hardware import lookup_instance
 from configs.schema import ClusterConfig
 
@@ -88,8 +88,13 @@ def _env_block(plan: JobPlan) -> list[str]:
         out.append("# NCCL / CUDA for Megatron (TP comm overlap needs CUDA_DEVICE_MAX_CONNECTIONS=1)")
         out += [f"export {k}={_q(v)}" for k, v in GPU_ENV]
     if inst is not None:
-        out.append(f"# EFA / NCCL for {c.instance_type} ({inst.efa_devices} EFA devices)")
-        out += [f"export {k}={_q(v)}" for k, v in instance_env(inst.name)]
+        out.append(f"# EFA / NCCL for {c.instance_type} ({inst.efa_devices} EFA devices); aws-ofi-nccl configures "
+                   "libfabric itself (cluster/instances.py)")
+        out += [f"export {k}={_q(v)}" for k, v in instance_env(inst.name, nvls=c.nccl_nvls)]
+        if not c.container_image:
+            dirs = ":".join(EFA_LIBRARY_DIRS)
+            out.append("# no container: libfabric and the aws-ofi-nccl plugin from the EFA installer")
+            out.append(f'export LD_LIBRARY_PATH="{dirs}${{LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}}"')
     if c.env:
         out.append("# user environment (cluster.env)")
         out += [f"export {k}={_q(v)}" for k, v in sorted(c.env.items())]
@@ -127,13 +132,15 @@ def _preflight(plan: JobPlan) -> list[str]:
             'export PATH="/opt/amazon/efa/bin:$PATH"; '
             "command -v fi_info >/dev/null || { echo \"preflight: fi_info not found on $(hostname): "
             "the EFA software (libfabric) is missing\" >&2; exit 1; }; "
-            "n=$(fi_info -p efa -t FI_EP_RDM 2>/dev/null | grep -c 'provider: efa' || true); "
-            "[ \"$n\" -ge 1 ] || { echo \"preflight: no EFA device on $(hostname) (fi_info -p efa lists none); "
-            "NCCL would fall back to TCP sockets\" >&2; exit 1; }; "
-            f"echo \"preflight: $(hostname): $n EFA endpoints (expected {c.efa_devices} devices)\""
+            f"n=$({efa_device_count_command()}); "
+            f"[ \"$n\" -ge {c.efa_devices} ] || {{ echo \"preflight: $(hostname) has $n EFA devices, "
+            f"{c.instance_type or 'the cluster config'} has {c.efa_devices} (cluster.efa_devices); NCCL would "
+            "lose bandwidth or fall back to TCP sockets\" >&2; exit 1; }; "
+            f"echo \"preflight: $(hostname): $n EFA devices (expected {c.efa_devices})\""
         )
+        inside = " ".join(_q(a) for a in _container_args(plan))  # the same libraries the training sees
         out += [
-            f"if ! srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c {_q(check)}; then",
+            f"if ! srun --ntasks-per-node=1 --kill-on-bad-exit=1 {inside + ' ' if inside else ''}bash -c {_q(check)}; then",
             '  echo "preflight: EFA check failed (see above); not starting training" >&2',
             f"  exit {PREFLIGHT_EXIT}",
             "fi",
@@ -141,17 +148,22 @@ def _preflight(plan: JobPlan) -> list[str]:
     return out
 
 
+def _container_args(plan: JobPlan) -> list[str]:
+    c = plan.cluster
+    if not c.container_image:
+        return []
+    args = [f"--container-image={c.container_image}"]
+    if c.container_mounts:
+        args.append(f"--container-mounts={','.join(c.container_mounts)}")
+    return args + [f"--container-workdir={plan.workdir}"]
+
+
 def _srun_args(plan: JobPlan) -> list[str]:
     c = plan.cluster
     args = ["--ntasks-per-node=1", "--kill-on-bad-exit=1", "--export=ALL", "--label"]
     if c.kind == "hyperpod":
         args.append("--auto-resume=1")
-    if c.container_image:
-        args.append(f"--container-image={c.container_image}")
-        if c.container_mounts:
-            args.append(f"--container-mounts={','.join(c.container_mounts)}")
-        args.append(f"--container-workdir={plan.workdir}")
-    return args
+    return args + _container_args(plan)
 
 
 _UNSAFE_HEADER = re.compile(r"[\s'\"\\%$`;&|<>]")

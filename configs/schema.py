@@ -72,6 +72,7 @@ class ClusterConfig:
     # Transformer Engine on the nodes (memory_predictor.kernels): null = auto at launch (a container image
     # is taken to carry it, as NGC/DLC images do; otherwise the launching environment is probed)
     transformer_engine: Optional[bool] = None
+    nccl_nvls: Optional[bool] = None  # NCCL_NVLS_ENABLE; null leaves it to NCCL and aws-ofi-nccl
     container_image: Optional[str] = None  # pyxis/enroot image (.sqsh path or registry URI)
     container_mounts: list[str] = field(default_factory=list)  # "src:dst" pairs
     requeue: bool = True

@@ -54,11 +54,19 @@ def test_golden(case: str) -> None:
 def test_p5_script_has_what_p5_engineers_expect() -> None:
     text = (GOLDEN / "p5.sbatch").read_text()
     for needle in ("#SBATCH --nodes=32", "#SBATCH --exclusive", "#SBATCH --mem=0", "#SBATCH --requeue",
-                   "--signal=B:USR2@300", "export FI_PROVIDER=efa", "export FI_EFA_FORK_SAFE=1",
+                   "--signal=B:USR2@300",
                    "NCCL_SOCKET_IFNAME='^lo,docker0,veth_def_agent'", "CUDA_DEVICE_MAX_CONNECTIONS=1",
                    "--auto-resume=1", "--container-image=/fsx/apps/hyperlaunch-megatron.sqsh",
                    "--container-mounts=/fsx:/fsx", "--kill-on-bad-exit=1", "fi_info -p efa"):
         assert needle in text, needle
+    # settings current aws-ofi-nccl / PyTorch guidance has moved past (cluster/instances.py)
+    for stale in ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "TORCH_NCCL_AVOID_RECORD_STREAMS", "FI_PROVIDER",
+                  "FI_EFA_SET_CUDA_SYNC_MEMOPS", "NCCL_NVLS_ENABLE", "NCCL_BUFFSIZE"):
+        assert stale not in text, stale
+    assert "LD_LIBRARY_PATH" not in text  # the container image carries its own libraries
+    preflight = next(line for line in text.splitlines() if "fi_info" in line)
+    assert "--container-image=/fsx/apps/hyperlaunch-megatron.sqsh" in preflight  # checked where training runs
+    assert "-ge 32 ]" in preflight  # the instance's EFA device count
     assert "--gpus-per-node" not in text  # HyperPod: exclusive nodes, GRES often absent
     step = (GOLDEN / "p5.step.sh").read_text()
     assert "--rdzv-backend=c10d" in step and "--nproc-per-node=8" in step and "SLURM_STEP_NODELIST" in step
@@ -68,4 +76,16 @@ def test_generic_slurm_requests_gpus_and_has_no_efa() -> None:
     text = (GOLDEN / "slurm.sbatch").read_text()
     assert "#SBATCH --gpus-per-node=8" in text and "#SBATCH --dependency=afterok:4242" in text
     assert "FI_PROVIDER" not in text and "--auto-resume" not in text and "fi_info" not in text
-    assert "FI_EFA_USE_DEVICE_RDMA=1" in (GOLDEN / "p4de.sbatch").read_text()
+    p4de = (GOLDEN / "p4de.sbatch").read_text()
+    assert "FI_EFA_USE_DEVICE_RDMA" not in p4de and "-ge 4 ]" in p4de
+
+
+@pytest.mark.parametrize("nvls,line", [(None, None), (False, "export NCCL_NVLS_ENABLE=0"),
+                                       (True, "export NCCL_NVLS_ENABLE=1")])
+def test_nvls_is_a_switch_left_to_nccl_by_default(nvls, line) -> None:
+    from configs.schema import ClusterConfig
+
+    cluster = ClusterConfig(kind="hyperpod", gpu_type="h100-80gb", gpus_per_node=8, instance_type="ml.p5.48xlarge",
+                            efa_devices=32, nccl_nvls=nvls)
+    text = render_sbatch(JobPlan("r", "/fsx/r", "/fsx/code", cluster))
+    assert (line in text) if line else ("NCCL_NVLS_ENABLE" not in text)

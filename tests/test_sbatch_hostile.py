@@ -26,14 +26,21 @@ def _stub(bin_dir: Path, name: str, body: str) -> None:
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
 
 
-def _run(tmp_path: Path, plan: JobPlan, efa_endpoints: int = 2) -> tuple[subprocess.CompletedProcess, Path]:
+def _fi_info(devices: int) -> str:
+    """What ``fi_info -p efa -t FI_EP_RDM`` prints: one block per device (its ``domain``)."""
+    return "".join(f"echo 'provider: efa'; echo '    fabric: efa'; echo '    domain: rdmap{16 + i}s27-rdm'; "
+                   "echo '    version: 120.0'; echo '    type: FI_EP_RDM'; echo '    protocol: FI_PROTO_EFA'\n"
+                   for i in range(devices))
+
+
+def _run(tmp_path: Path, plan: JobPlan, efa_devices: int = 32) -> tuple[subprocess.CompletedProcess, Path]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     argv_log = tmp_path / "python_argv.txt"
     _stub(bin_dir, "srun", 'if [ "${1:-}" = --help ]; then echo "  --container-image=IMAGE"; exit 0; fi\n'
           'while [ $# -gt 0 ] && [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
     _stub(bin_dir, "scontrol", "exit 0\n")
-    _stub(bin_dir, "fi_info", "".join("echo 'provider: efa'\n" for _ in range(efa_endpoints)))
+    _stub(bin_dir, "fi_info", _fi_info(efa_devices))
     # the cluster.python stub: hostlist queries print a head; anything else records its argv
     _stub(bin_dir, "stubpython", f'if [ "$2" = cluster.hostlist ]; then echo head-node; exit 0; fi\n'
           f'printf "%s\\0" "$@" > {argv_log}\nenv > {tmp_path}/env.txt\n')
@@ -64,6 +71,7 @@ def test_hostile_values_are_inert(tmp_path: Path, evil: str) -> None:
     assert "--rdzv-endpoint=head-node:29500" in argv and argv[-1] == f"{plan.run_dir}/config.yaml"
     env = (tmp_path / "env.txt").read_text()
     assert f"HYPERLAUNCH_RUN_NAME={evil}" in env and f"EVIL={evil}" in env
+    assert "LD_LIBRARY_PATH=/opt/amazon/efa/lib:/opt/amazon/ofi-nccl/lib" in env  # no container: the plugin's path
     assert "secret WANDB_API_KEY is not set" in proc.stderr
     header = [line for line in render_sbatch(plan).splitlines() if line.startswith("#SBATCH")]
     assert f"#SBATCH --job-name={job_name_slug(evil)}" in header and "\n" not in job_name_slug(evil)
@@ -83,10 +91,20 @@ def test_efa_preflight_fails_fast(tmp_path: Path) -> None:
     cluster = ClusterConfig(kind="hyperpod", gpu_type="h100-80gb", gpus_per_node=8, nodes=2,
                             instance_type="ml.p5.48xlarge", efa_devices=32, python=str(tmp_path / "bin" / "stubpython"))
     plan = JobPlan("r", str(tmp_path / "run"), str(tmp_path), cluster)
-    proc, argv_log = _run(tmp_path, plan, efa_endpoints=0)
+    proc, argv_log = _run(tmp_path, plan, efa_devices=0)
     assert proc.returncode == 3
-    assert "no EFA device" in proc.stderr and "fall back to TCP" in proc.stderr
+    assert "has 0 EFA devices, ml.p5.48xlarge has 32" in proc.stderr and "fall back to TCP" in proc.stderr
     assert not argv_log.exists(), "training started despite the failed preflight"
+
+
+def test_efa_preflight_counts_devices(tmp_path: Path) -> None:
+    """A degraded node (16 of 32 devices) fails the preflight; the count is devices, not endpoints."""
+    cluster = ClusterConfig(kind="hyperpod", gpu_type="h100-80gb", gpus_per_node=8, nodes=2,
+                            instance_type="ml.p5.48xlarge", efa_devices=32, python=str(tmp_path / "bin" / "stubpython"))
+    plan = JobPlan("r", str(tmp_path / "run"), str(tmp_path), cluster)
+    proc, argv_log = _run(tmp_path, plan, efa_devices=16)
+    assert proc.returncode == 3 and "has 16 EFA devices, ml.p5.48xlarge has 32" in proc.stderr
+    assert not argv_log.exists()
 
 
 def test_pyxis_preflight(tmp_path: Path) -> None:
