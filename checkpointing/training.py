@@ -112,7 +112,9 @@ class CheckpointCallback:
         """Rank 0, training finished: export the final step to Hugging Face format (checkpoint.export_hf)."""
         if not (finished and self.cfg.export_hf and self.layout.rank == 0 and self._saved_step == state.step):
             return
+        state.beat("export")
         export_final_step(self.root_cfg, self.store.path(state.step), state.step, self._say)
+        state.beat("finished")
 
     def on_train_end(self, state: TrainState, *, finished: bool, error: Optional[BaseException] = None) -> None:
         self._restore_signal_handlers()
@@ -162,6 +164,7 @@ class CheckpointCallback:
         if previous is not None:
             self._record(previous)
         blocked_since = time.perf_counter()  # training is stopped from here on, until start() returns
+        state.beat("checkpoint")
         par = self.root_cfg.parallelism
         sharded_params = parallel_state.get_data_parallel_world_size(with_context_parallel=True) > 1
         if par.distributed_optimizer and par.overlap_param_gather and sharded_params:
@@ -183,8 +186,10 @@ class CheckpointCallback:
                           blocked_since=blocked_since, kind=optimizer_format)
         self._saved_step, self._saved_format = state.step, optimizer_format
         if not blocking:
+            state.beat("step_end")
             return None
         outcome = writer.wait()
+        state.beat("step_end")
         if outcome is None:
             raise RuntimeError("the synchronous save left no outcome")
         self._record(outcome, synchronous=True)

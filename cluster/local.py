@@ -18,12 +18,16 @@ from typing import Callable, TextIO
 from configs.schema import ClusterConfig
 
 LOG_NAME = "local.out"
+# torch 2.13's torchrun shares one TCP store across rendezvous rounds and the workers use it without
+# a per-round prefix: after an in-job restart the new workers read the dead ones' keys and hang in
+# init_process_group. Opting out gives every round its own store.
+TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
-def local_command(cluster: ClusterConfig, config_path: str) -> list[str]:
+def local_command(cluster: ClusterConfig, config_path: str, max_restarts: int = 0) -> list[str]:
     """torchrun with the launcher's own interpreter (cluster.python is for remote nodes)."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={cluster.gpus_per_node}", "--max-restarts=0",
+            f"--nproc-per-node={cluster.gpus_per_node}", f"--max-restarts={max_restarts}",
             "-m", "trainer", "--config", config_path]
 
 
@@ -43,18 +47,25 @@ class LocalExecutor:
         self.echo = echo
 
     def run(self, command: list[str], on_start: Callable[[int], None] | None = None,
-            env: dict[str, str] | None = None) -> int:
+            env: dict[str, str] | None = None, watchdog: bool = False) -> int:
+        """``watchdog``: the hang watchdog (cluster.watchdog) watches the ranks next to torchrun."""
         log_path = self.run_dir / "logs" / LOG_NAME
         full_env = dict(os.environ if env is None else env)
         full_env["PYTHONPATH"] = self.workdir + (os.pathsep + full_env["PYTHONPATH"] if full_env.get("PYTHONPATH") else "")
         full_env["HYPERLAUNCH_RUN_DIR"] = str(self.run_dir)
         full_env["HYPERLAUNCH_CONTROL_DIR"] = str(self.run_dir / "control")
         full_env.setdefault("PYTHONUNBUFFERED", "1")
+        full_env.update(TORCHRUN_ENV)
         with open(log_path, "a", buffering=1) as log:
             proc = subprocess.Popen(command, cwd=self.workdir, env=full_env, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
             if on_start is not None:
                 on_start(proc.pid)
+            guard = None
+            if watchdog:
+                guard = subprocess.Popen([sys.executable, "-m", "cluster.watchdog", "--run-dir", str(self.run_dir),
+                                          "--parent-pid", str(proc.pid)], cwd=self.workdir, env=full_env, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
             try:
                 for line in proc.stdout or ():
                     log.write(line)
@@ -66,6 +77,13 @@ class LocalExecutor:
                 stop_process_group(proc.pid)
                 proc.wait()
                 return 130
+            finally:
+                if guard is not None:
+                    guard.terminate()
+                    try:
+                        guard.wait(timeout=10)
+                    except subprocess.TimeoutExpired:
+                        guard.kill()
 
 
 def stop_process_group(pid: int, grace_s: float = 10.0) -> bool:

@@ -17,6 +17,7 @@ import re
 import shlex
 from dataclasses import dataclass
 
+from cluster.local import TORCHRUN_ENV
 from cluster.instances import EFA_LIBRARY_DIRS, GPU_ENV, efa_device_count_command, instance_env
 from configs.hardware import lookup_instance
 from configs.schema import ClusterConfig
@@ -25,6 +26,7 @@ STEP_SCRIPT = "step.sh"
 CONTROL_DIR = "control"
 SAVE_REQUEST = "save_and_exit"  # the trainer polls for this file (written on SIGUSR2)
 FINISHED_MARK = "finished"  # the trainer writes this when all steps are done
+REQUEUE_MARK = "requeue"  # cluster.watchdog.REQUEUE_MARK: a node was drained; requeue without it
 PROMETHEUS_MARK = "prometheus.yml"  # monitoring.launch.PROMETHEUS_FILE: monitoring.prometheus=true
 NODE_EXPORTER_ENV = "HYPERLAUNCH_NODE_EXPORTER"  # monitoring.node_exporter.STARTED_ENV
 PREFLIGHT_EXIT = 3
@@ -38,6 +40,8 @@ class JobPlan:
     run_dir: str
     workdir: str
     cluster: ClusterConfig
+    max_restarts: int = 0  # torchrun --max-restarts: in-job restarts of the worker group (resilience)
+    watchdog: bool = False  # start the per-node hang watchdog (cluster.watchdog) next to torchrun
 
 
 def job_name_slug(run_name: str) -> str:
@@ -67,7 +71,8 @@ def _header(plan: JobPlan) -> list[str]:
                         ("qos", c.qos), ("reservation", c.reservation)):
         if value:
             lines.append(f"--{flag}={value}")
-    lines += [f"--output={logs}/%x_%j.out", f"--error={logs}/%x_%j.err", "--export=ALL"]
+    # append: a requeued job writes to the same files, and the attempt before it stays readable
+    lines += [f"--output={logs}/%x_%j.out", f"--error={logs}/%x_%j.err", "--open-mode=append", "--export=ALL"]
     if c.requeue:
         lines.append("--requeue")
     if c.signal_seconds:
@@ -184,6 +189,8 @@ def render_sbatch(plan: JobPlan) -> str:
              f"export HYPERLAUNCH_RUN_NAME={_q(plan.run_name)}",
              f"export HYPERLAUNCH_CONTROL_DIR=\"{control}\"",
              "export PYTHONPATH=\"$WORKDIR${PYTHONPATH:+:$PYTHONPATH}\"",
+             "# torchrun: a fresh TCP store per rendezvous round, or in-job restarts hang (cluster/local.py)",
+             *[f"export {k}={_q(v)}" for k, v in TORCHRUN_ENV.items()],
              f"mkdir -p \"{control}\"",
              f"rm -f \"{control}/{SAVE_REQUEST}\"", ""]
     lines += _env_block(plan)
@@ -215,6 +222,12 @@ def render_sbatch(plan: JobPlan) -> str:
             '  echo "batch: stopped before the end of training; requeueing to resume from the latest checkpoint"',
             '  scontrol requeue "$SLURM_JOB_ID" && exit 0',
             "fi",
+            "# the watchdog drained a node that hung repeatedly: start again without it",
+            f"if [ -e \"{control}/{REQUEUE_MARK}\" ] && [ ! -e \"{control}/{FINISHED_MARK}\" ]; then",
+            f"  echo \"batch: $(cat \"{control}/{REQUEUE_MARK}\"); requeueing to resume on other nodes\"",
+            f"  rm -f \"{control}/{REQUEUE_MARK}\"",
+            '  scontrol requeue "$SLURM_JOB_ID" && exit 0',
+            "fi",
         ]
     lines += ["exit \"$rc\"", ""]
     return "\n".join(lines)
@@ -225,14 +238,18 @@ def render_step(plan: JobPlan) -> str:
     c = plan.cluster
     py = _q(c.python)
     mark = _q(f"{plan.run_dir}/{PROMETHEUS_MARK}")
-    return "\n".join([
+    lines = [
         "#!/bin/bash",
         "# One per node: derive the rendezvous head from the step's CURRENT node list (it changes",
-        "# when HyperPod replaces a node), then start the node's ranks with torchrun.",
+        "# when HyperPod replaces a node or a requeued job lands elsewhere), then start the node's",
+        "# ranks with torchrun. Addresses come from Slurm (NodeAddr): node names need not be DNS names.",
         "set -euo pipefail",
         f"cd {_q(plan.workdir)}",
         'nodelist="${SLURM_STEP_NODELIST:-$SLURM_JOB_NODELIST}"',
         f'head=$({py} -m cluster.hostlist --first "$nodelist")',
+        'node_addr() { scontrol show node "$1" -o 2>/dev/null | sed -n \'s/.*NodeAddr=\\([^ ]*\\).*/\\1/p\' || true; }',
+        'head_addr=$(node_addr "$head"); head_addr="${head_addr:-$head}"',
+        'self_addr=$(node_addr "${SLURMD_NODENAME:-$(hostname)}"); self_addr="${self_addr:-$(hostname)}"',
         'nnodes="${SLURM_STEP_NUM_NODES:-$SLURM_JOB_NUM_NODES}"',
         "# monitoring.prometheus=true (the run has prometheus.yml): one GPU/EFA node exporter per node,",
         "# up before torchrun so start-up hangs show; it exits with torchrun (exec keeps this PID).",
@@ -240,13 +257,20 @@ def render_step(plan: JobPlan) -> str:
         f"  export {NODE_EXPORTER_ENV}=1",
         f"  {py} -m monitoring.node_exporter --run-dir {_q(plan.run_dir)} --parent-pid $$ &",
         "fi",
+    ]
+    if plan.watchdog:
+        lines += ["# the hang watchdog of this node (resilience.*): stacks, then a restart of the worker group",
+                  f"{py} -m cluster.watchdog --run-dir {_q(plan.run_dir)} --parent-pid $$ &"]
+    lines += [
         f"exec {py} -m torch.distributed.run \\",
         '  --nnodes="$nnodes" \\',
         f"  --nproc-per-node={c.gpus_per_node} \\",
         '  --rdzv-id="$SLURM_JOB_ID" \\',
         "  --rdzv-backend=c10d \\",
-        f'  --rdzv-endpoint="$head:{c.rdzv_port}" \\',
-        "  --max-restarts=0 \\",
+        f'  --rdzv-endpoint="$head_addr:{c.rdzv_port}" \\',
+        '  --local-addr="$self_addr" \\',
+        f"  --max-restarts={plan.max_restarts} \\",
         f"  -m trainer --config {_q(plan.run_dir + '/config.yaml')}",
         "",
-    ])
+    ]
+    return "\n".join(lines)

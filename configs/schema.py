@@ -15,9 +15,10 @@ from omegaconf import MISSING
 
 from configs.checkpoint_config import CheckpointConfig
 from configs.monitoring_config import MonitoringConfig
+from configs.resilience_config import ResilienceConfig
 
 __all__ = ["ModelConfig", "ClusterConfig", "BlendSource", "DataConfig", "TrainingConfig", "ParallelismConfig",
-           "CheckpointConfig", "MonitoringConfig", "RootConfig", "register_configs"]
+           "CheckpointConfig", "MonitoringConfig", "ResilienceConfig", "RootConfig", "register_configs"]
 
 
 @dataclass
@@ -167,6 +168,7 @@ class RootConfig:
     parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+    resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
 
 
 def register_configs() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 
-from configs import checkpoint_config, monitoring_config
+from configs import checkpoint_config, monitoring_config, resilience_config
 from configs.derived import derived_dp, padded_vocab_size, parse_time_limit
 from configs.errors import ConfigError, Problem
 from configs.hardware import GPU_TYPES, lookup_instance
@@ -43,6 +43,7 @@ def validate(cfg: RootConfig) -> None:
     _check_cluster(cfg, add)
     checkpoint_config.check(cfg.checkpoint, add)
     monitoring_config.check(cfg.monitoring, add)
+    resilience_config.check(cfg.resilience, add)
     if not problems:  # the divisibility rules need positive sizes
         if cfg.parallelism.mode == "auto":  # the layout fields are filled by the predictor at launch
             _check_model(cfg, add)

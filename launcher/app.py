@@ -46,9 +46,11 @@ def render_files(root: RootConfig, run_dir: Path, workdir: str, argv: list[str])
     files = {CONFIG_FILE: dump_config(root), MANIFEST_FILE: build_manifest(argv, _overrides()),
              **monitoring_files(root, run_dir)}
     if root.cluster.kind == "local":
-        files["launch.sh"] = render_launch_script(local_command(root.cluster, str(run_dir / CONFIG_FILE)), workdir)
+        files["launch.sh"] = render_launch_script(local_command(root.cluster, str(run_dir / CONFIG_FILE),
+                                                                root.resilience.max_restarts), workdir)
         return files, ("launch.sh",)
-    plan = JobPlan(run_name=root.run_name, run_dir=str(run_dir), workdir=workdir, cluster=root.cluster)
+    plan = JobPlan(run_name=root.run_name, run_dir=str(run_dir), workdir=workdir, cluster=root.cluster,
+                   max_restarts=root.resilience.max_restarts, watchdog=root.resilience.watchdog)
     files["job.sbatch"] = render_sbatch(plan)
     files[STEP_SCRIPT] = render_step(plan)
     return files, ("job.sbatch", STEP_SCRIPT)
@@ -127,7 +129,8 @@ def _run_local(root: RootConfig, run_dir: Path, workdir: str) -> int:
         record["pid"] = pid
         write_job_record(run_dir, record)
 
-    rc = LocalExecutor(run_dir, workdir).run(local_command(root.cluster, str(run_dir / CONFIG_FILE)), on_start=started)
+    command = local_command(root.cluster, str(run_dir / CONFIG_FILE), root.resilience.max_restarts)
+    rc = LocalExecutor(run_dir, workdir).run(command, on_start=started, watchdog=root.resilience.watchdog)
     cancelled = read_job_record(run_dir).get("state") == "CANCELLED" or rc == 130  # `cancel` or Ctrl-C
     record.update(state="COMPLETED" if rc == 0 else ("CANCELLED" if cancelled else "FAILED"),
                   exit_code=rc, ended=time.time())

@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
-# Start the single-node test Slurm (slurmctld + slurmd + munged) in the foreground, for trying
-# the launcher against a real scheduler by hand. Prints the SLURM_CONF to export; Ctrl-C stops
-# the daemons (by PID). Usage: scripts/start_slurm.sh [WORKDIR]
+# A real Slurm on this machine for trying the launcher by hand (the tests start their own).
+#   scripts/start_slurm.sh [WORKDIR]
+#       single node (tests/slurm_cluster.py) in the foreground; Ctrl-C stops the daemons (by PID)
+#   scripts/start_slurm.sh --nodes 3 [--workdir DIR] [--foreground]
+#       multi-node (tests/multinode_cluster.py, needs root): one network namespace per node; prints
+#       what to export (SLURM_CONF), a shell command per node, the shared directory, and the stop
+#       command; the daemons keep running after this script returns unless --foreground
+#   scripts/start_slurm.sh --stop STATE_JSON
+#       stop a multi-node cluster (by PID) and remove its namespaces, bridge and veths
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v slurmctld >/dev/null 2>&1 && [ ! -x /usr/sbin/slurmctld ]; then
@@ -15,4 +21,9 @@ if ! command -v slurmctld >/dev/null 2>&1 && [ ! -x /usr/sbin/slurmctld ]; then
     exit 1
   fi
 fi
-exec "${PYTHON:-python3}" -m tests.slurm_cluster "$@"
+case "${1:-}" in
+  --nodes|--nodes=*|--stop|--stop=*|--workdir|--workdir=*|--foreground|-h|--help)
+    exec "${PYTHON:-python3}" -m tests.multinode_cluster "$@" ;;
+  *)
+    exec "${PYTHON:-python3}" -m tests.slurm_cluster "$@" ;;
+esac

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e import ROOT, job_record, launcher, losses, only_run
+from tests.faults import fault_env
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.timeout(240)]
 
@@ -23,7 +24,9 @@ def _assert_trained(proc: subprocess.CompletedProcess, runs_root: Path, steps: i
     log = (run / "logs" / "local.out").read_text()
     got = losses(log)
     assert len(got) == steps, log[-2000:]
-    assert sum(got[-3:]) / 3 < sum(got[:3]) / 3 - 0.5, f"loss did not decrease: {got}"
+    # the padded vocabulary is masked, so training starts near ln(257) = 5.55 (not ln(384))
+    assert got[0] == pytest.approx(5.55, abs=0.15), got
+    assert sum(got[-3:]) / 3 < sum(got[:3]) / 3 - 0.3, f"loss did not decrease: {got}"
     assert job_record(run)["state"] == "COMPLETED" and job_record(run)["exit_code"] == 0
     return got
 
@@ -62,7 +65,7 @@ def test_missing_data_is_refused_before_anything_is_written(tmp_path: Path) -> N
 
 
 def test_failing_local_run_reports_failure(tmp_path: Path) -> None:
-    env = dict(os.environ, HYPERLAUNCH_TEST_FAULT="fail:rank=0,step=2")
+    env = fault_env("fail:rank=0,step=2")
     proc = launcher("config=tiny_local", f"runs_root={tmp_path}", env=env)
     assert proc.returncode == 1
     run = only_run(tmp_path)

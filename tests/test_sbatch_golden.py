@@ -46,7 +46,8 @@ def _check(name: str, text: str) -> None:
 def test_golden(case: str) -> None:
     root = compose_root(*CASES[case])
     plan = JobPlan(run_name=root.run_name, run_dir=RUN_DIR, workdir=root.cluster.workdir or "/fsx/hyperlaunch",
-                   cluster=root.cluster)
+                   cluster=root.cluster, max_restarts=root.resilience.max_restarts,
+                   watchdog=root.resilience.watchdog)  # as launcher.app.render_files builds it
     _check(f"{case}.sbatch", render_sbatch(plan))
     _check(f"{case}.step.sh", render_step(plan))
 
@@ -70,6 +71,8 @@ def test_p5_script_has_what_p5_engineers_expect() -> None:
     assert "--gpus-per-node" not in text  # HyperPod: exclusive nodes, GRES often absent
     step = (GOLDEN / "p5.step.sh").read_text()
     assert "--rdzv-backend=c10d" in step and "--nproc-per-node=8" in step and "SLURM_STEP_NODELIST" in step
+    assert "--max-restarts=3" in step and "-m cluster.watchdog" in step and '--local-addr="$self_addr"' in step
+    assert "--open-mode=append" in text
 
 
 def test_generic_slurm_requests_gpus_and_has_no_efa() -> None:

@@ -20,13 +20,33 @@ if TYPE_CHECKING:  # megatron must not be imported before cpu_compat.activate()
     from trainer.distributed import Layout
 
 
+PLUGINS_ENV = "HYPERLAUNCH_PLUGINS"  # extra callbacks: "package.module:factory[,...]", factory(cfg, layout)
+
+
 def plugins(cfg: RootConfig, layout: Layout) -> list[TrainingCallback]:
-    """The loop's plugins, composed here: checkpointing first (it may resume), then monitoring."""
+    """The loop's plugins, composed here: checkpointing first (it may resume), then monitoring, then
+    any named in ``$HYPERLAUNCH_PLUGINS`` (profilers, fault injection in tests: code that is not ours
+    to ship stays out of the product and plugs in through the same contract)."""
     from checkpointing.training import make_callback as checkpoint_callback
     from monitoring.training import make_callback as monitoring_callback
 
-    made = (checkpoint_callback(cfg, layout), monitoring_callback(cfg, layout))
+    made = [checkpoint_callback(cfg, layout), monitoring_callback(cfg, layout)]
+    for spec in filter(None, (item.strip() for item in os.environ.get(PLUGINS_ENV, "").split(","))):
+        made += _extra_plugin(spec)(cfg, layout)
     return [cb for cb in made if cb is not None]
+
+
+def _extra_plugin(spec: str):  # noqa: ANN202 - a callback factory
+    import importlib
+
+    from configs.errors import ConfigError, Problem
+
+    module_name, _, attr = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), attr or "callbacks")
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError([Problem(f"${PLUGINS_ENV}", spec, f"cannot load it ({exc}); use package.module:factory, "
+                                   "importable on the nodes (PYTHONPATH includes the code directory)")]) from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol
 
+from cluster.heartbeat import HeartbeatWriter
 from configs.schema import RootConfig
 from trainer.distributed import Layout
 
@@ -28,6 +29,12 @@ class TrainState:
     total_steps: int
     step: int = 0  # last completed optimizer step; data position is derived from it
     extra: dict[str, Any] = field(default_factory=dict)
+    heartbeat: Optional[HeartbeatWriter] = None  # what the hang watchdog reads (cluster.heartbeat)
+
+    def beat(self, phase: str, step: Optional[int] = None) -> None:
+        """Tell the watchdog where this rank is (``checkpoint``, ``validation``, ``step_end``...)."""
+        if self.heartbeat is not None:
+            self.heartbeat.beat(self.step if step is None else step, phase)
 
     @property
     def consumed_samples(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from configs.hardware import gpu_type
+from cluster.heartbeat import HeartbeatWriter
 from configs.errors import ConfigError, Problem
 from configs.schema import RootConfig
 from configs.derived import padded_vocab_size, train_steps
@@ -42,6 +44,8 @@ def train(cfg: RootConfig, make_callbacks: CallbackFactory = no_callbacks) -> Tr
     ``make_callbacks(cfg, layout)`` builds the plugins (checkpointing first: it may resume)."""
     t, m, par = cfg.training, cfg.model, cfg.parallelism
     layout = init_distributed(par, t.seed)
+    heartbeat = HeartbeatWriter(os.environ.get("HYPERLAUNCH_RUN_DIR"), layout.rank, layout.local_rank)
+    heartbeat.beat(0, "startup")
     device = torch.device("cpu") if layout.gloo else torch.device("cuda", layout.local_rank)
     total_steps = train_steps(cfg)
 
@@ -77,10 +81,12 @@ def train(cfg: RootConfig, make_callbacks: CallbackFactory = no_callbacks) -> Tr
     timer = StepTimer(cuda=not layout.gloo)
     forward_step = partial(_forward_step, device=device, timer=timer, packed_thd=packed_thd)
     state = TrainState(cfg=cfg, layout=layout, model=model, optimizer=optimizer, lr_schedule=lr_schedule,
-                       total_steps=total_steps)
+                       total_steps=total_steps, heartbeat=heartbeat)
     callbacks = make_callbacks(cfg, layout)
+    state.beat("resume")
     for callback in callbacks:
         callback.on_train_start(state)  # a checkpoint callback may resume: state.step > 0
+    state.beat("step_end")
 
     if layout.rank == 0:
         vpp = par.vpp if par.vpp and par.vpp > 1 else 1
@@ -103,6 +109,7 @@ def train(cfg: RootConfig, make_callbacks: CallbackFactory = no_callbacks) -> Tr
         raise
     for callback in callbacks:
         callback.on_train_end(state, finished=finished)
+    state.beat("finished")
     if par.overlap_param_gather and par.distributed_optimizer:
         for chunk in model:  # the last update is otherwise gathered by the next forward only
             chunk.start_param_sync(force_sync=True)
@@ -143,6 +150,7 @@ def _run_steps(state: TrainState, callbacks: list, timer: StepTimer, forward_ste
     device = torch.device("cpu") if layout.gloo else torch.device("cuda", layout.local_rank)
     source = state.extra["source"]
     for step in range(state.step + 1, total_steps + 1):
+        state.beat("step", step)
         start = time.perf_counter()
         timer.reset()
         for chunk in model:
@@ -168,6 +176,7 @@ def _run_steps(state: TrainState, callbacks: list, timer: StepTimer, forward_ste
         elapsed = time.perf_counter() - start
         losses.append(loss)
         state.step = step
+        state.beat("step_end")
 
         achieved = flops.tflops_per_gpu(flops_per_step, elapsed, layout.world_size)
         report = StepReport(
@@ -184,7 +193,9 @@ def _run_steps(state: TrainState, callbacks: list, timer: StepTimer, forward_ste
             callback.on_step_end(state, report)
         validation = state.extra.get("validation")
         if validation and (step % t.eval_interval == 0 or step == total_steps):
+            state.beat("validation")
             result = evaluate(state, validation, forward_backward, forward_step, num_microbatches)
+            state.beat("step_end")
             if layout.rank == 0:
                 print(result.line(), flush=True)
             for callback in callbacks:
