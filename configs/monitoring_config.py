@@ -29,7 +29,7 @@ class StragglerConfig:
     consecutive: int = 2  # ...for this many intervals in a row
     peer_tolerance: float = 0.03  # healthy GPUs differ by up to this much: relative score / (1 - this)
     throughput_drop: float = 0.2  # flag the job when tokens/s falls this fraction below its baseline
-    baseline_intervals: int = 30  # the baseline is the best window of the last N intervals
+    baseline_intervals: int = 30  # the baseline is the median of the better half of the last N windows
 
 
 @dataclass

@@ -143,7 +143,7 @@ def throughput_alert(run: str, report: ThroughputReport, flagged: Iterable[int])
         drop = (1 - report.tokens_per_s / report.baseline) * 100 if report.baseline else 0.0
         stragglers = ", ".join(str(r) for r in flagged) or "none flagged"
         return Alert("Throughput drop", f"run {run}, step {report.step}: {report.tokens_per_s:,.0f} tokens/s, "
-                     f"{drop:.0f}% below the recent best {report.baseline:,.0f} tokens/s; "
+                     f"{drop:.0f}% below its baseline {report.baseline:,.0f} tokens/s; "
                      f"straggler ranks: {stragglers}", Level.WARN)
     return Alert("Throughput recovered", f"run {run}, step {report.step}: {report.tokens_per_s:,.0f} tokens/s "
                  f"(baseline {report.baseline:,.0f})", Level.INFO)

@@ -47,6 +47,8 @@ def run_files(root: RootConfig, run_dir: Path) -> dict[str, str]:
             "node_exporter_port": m.port_base if m.node_exporter != "off" else None,
             "hyperpod_exporters": {"dcgm": m.dcgm_exporter_port, "efa": m.efa_exporter_port,
                                    "reused_when_present": m.node_exporter == "auto"},
+            "gpu_coverage": str(run_dir / "monitoring" / "gpu-coverage-<host>.json") + " (per node: which DCGM "
+                            "fields come from dcgm-exporter or NVML, and which alerts and panels are blind)",
             "pushgateway": m.pushgateway_url,
         }
     if m.wandb:

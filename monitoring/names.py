@@ -1,7 +1,8 @@
 """Every metric name this project exports, in one place (sinks, rules, dashboards and docs use these).
 
 Conventions (Prometheus): base units in the name (``_seconds``, ``_bytes``), counters end in
-``_total``, ratios are 0-1. Per-rank series carry no rank/host/gpu labels of their own: the
+``_total``, ratios are 0-1, durations are histograms, and no ``_created`` series are served.
+Per-rank series carry no rank/host/gpu labels of their own: the
 file_sd target of each rank adds ``run``, ``rank``, ``local_rank``, ``host``, ``gpu`` and
 ``slurm_job``, so no step number or other unbounded value ever becomes a label.
 
@@ -17,11 +18,11 @@ P = "hyperlaunch_"
 # training, one set per rank
 TRAIN_STEP = P + "train_step"
 TRAIN_STEP_SECONDS = P + "train_step_seconds"
-TRAIN_STEP_DURATION = P + "train_step_duration_seconds"  # summary: _sum / _count
+TRAIN_STEP_DURATION = P + "train_step_duration_seconds"  # histogram: _bucket{le} / _sum / _count
 TRAIN_COMPUTE_SECONDS = P + "train_compute_seconds"
-TRAIN_COMPUTE_DURATION = P + "train_compute_duration_seconds"
+TRAIN_COMPUTE_DURATION = P + "train_compute_duration_seconds"  # histogram
 TRAIN_DATA_WAIT_SECONDS = P + "train_data_wait_seconds"
-TRAIN_DATA_WAIT_DURATION = P + "train_data_wait_duration_seconds"
+TRAIN_DATA_WAIT_DURATION = P + "train_data_wait_duration_seconds"  # histogram
 TRAIN_TOKENS_PER_SECOND = P + "train_tokens_per_second"
 TRAIN_TOKENS = P + "train_tokens"  # counter (_total)
 TRAIN_TFLOPS_PER_GPU = P + "train_tflops_per_gpu"

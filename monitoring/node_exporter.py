@@ -9,34 +9,42 @@ on 9109): when one answers, it records that endpoint for the run instead of dupl
 It serves on ``port_base`` (an ephemeral port when taken), writes its file_sd target, and exits
 when its parent (torchrun, or the rank) is gone, removing the target.
 
+When it defers to a dcgm-exporter, it scrapes it once and serves the DCGM fields our rules and
+panels need that it lacks from NVML (monitoring.dcgm_coverage); what nobody serves is written to
+``<run dir>/monitoring/gpu-coverage-<host>.json`` with the alerts and panels that are blind.
+
 Missing pieces are said once and exported as ``hyperlaunch_monitoring_degraded{component}``:
-``nvml`` (a GPU job without a usable NVML), ``efa_sysfs`` (fewer EFA devices than the cluster
-config promises), ``node_exporter_port``. Test-only: ``HYPERLAUNCH_FAKE_NVML=<spec.json>`` serves
-monitoring.gpu.FakeGpuSource instead of NVML.
+``nvml`` (a GPU job without a usable NVML), ``dcgm_fields`` (alerts blind on this node),
+``efa_sysfs`` (fewer EFA devices than the cluster config promises), ``node_exporter_port``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import signal
 import socket
 import sys
 import threading
+import time
 import urllib.request
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from prometheus_client import CollectorRegistry, Gauge
 
 from cluster.local import process_alive
+from configs.schema import ClusterConfig
+from configs.monitoring_config import MonitoringConfig
 from monitoring import discovery
 from monitoring import names as n
+from monitoring.dcgm_coverage import Coverage, plan, served_fields
 from monitoring.efa import EfaCollector, EfaSysfs
-from monitoring.gpu import DcgmCollector, open_gpu_source
+from monitoring.gpu import XID, DcgmCollector, GpuSource, open_gpu_source
 from monitoring.prometheus_sink import serve, stop
 
-FAKE_NVML_ENV = "HYPERLAUNCH_FAKE_NVML"
 STARTED_ENV = "HYPERLAUNCH_NODE_EXPORTER"  # set by whoever started one, so nobody starts a second
 
 
@@ -47,6 +55,57 @@ def probe(port: int, prefix: str, timeout_s: float = 1.0) -> bool:
             return prefix.encode() in resp.read(4 << 20)
     except (OSError, ValueError):
         return False
+
+
+def _readable(source: GpuSource) -> frozenset[str]:
+    """The fields NVML gives on this node (two samples: GPM and NVLink rates need a previous one)."""
+    devices = source.devices()
+    if not devices:
+        return frozenset()
+    first = set(source.read(devices[0]))
+    time.sleep(0.2)
+    return frozenset(first | set(source.read(devices[0])) | {XID})
+
+
+def write_coverage(run_dir: str, host: str, cov: Coverage, **extra: object) -> Path:
+    path = Path(run_dir) / "monitoring" / f"gpu-coverage-{re.sub(r'[^A-Za-z0-9._-]+', '-', host)}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cov.record(host=host, **extra), indent=1) + "\n")
+    return path
+
+
+def serve_gpu(m: MonitoringConfig, c: ClusterConfig, host: str, run_dir: str, registry: CollectorRegistry,
+              external: Callable[[str, int], None], degrade: Callable[[str, str], None]
+              ) -> tuple[str, list[DcgmCollector]]:
+    """Register the GPU collector this node needs; returns (where GPU metrics come from, collectors)."""
+    served = served_fields(m.dcgm_exporter_port) if m.node_exporter == "auto" else None
+    if served is not None:
+        external("dcgm-exporter", m.dcgm_exporter_port)
+    source, why = open_gpu_source()
+    if source is None and served is None:
+        if c.gpu_type != "cpu":
+            degrade("nvml", f"NVML is not available ({why}): no GPU metrics (DCGM_FI_*) from this node, and no "
+                    f"dcgm-exporter answers on port {m.dcgm_exporter_port}")
+        return "none", []
+    cov = plan(served or frozenset(), _readable(source) if source is not None else frozenset())
+    collectors = []
+    if source is not None and (served is None or cov.from_nvml):
+        collectors.append(DcgmCollector(source, host, only=cov.from_nvml if served is not None else None))
+        registry.register(collectors[0])
+    kind = "nvml" if served is None else ("dcgm-exporter+nvml" if collectors else "dcgm-exporter")
+    try:
+        path: object = write_coverage(run_dir, host, cov, gpu_source=kind, dcgm_exporter_port=m.dcgm_exporter_port,
+                                      nvml=why or "available")
+    except OSError as exc:
+        path = f"not written: {exc}"
+    if cov.blind_rules:
+        where = (f"the dcgm-exporter on port {m.dcgm_exporter_port} does not serve" if served is not None
+                 else "NVML does not give")
+        degrade("dcgm_fields", f"{where} {', '.join(sorted(cov.missing))}"
+                f"{f' and NVML cannot ({why})' if source is None else ''}: these alerts cannot fire on this node: "
+                f"{', '.join(cov.blind_rules)} (details: {path}; HyperPod: install the observability stack with "
+                "--advanced, or give dcgm-exporter a field list with these fields)")
+    return kind, collectors
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -71,7 +130,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     registry = CollectorRegistry()
     degraded = Gauge(n.DEGRADED, "1 while a part monitoring needs is missing.", ("component",), registry=registry)
-    for comp in ("nvml", "efa_sysfs", "node_exporter_port"):
+    for comp in ("nvml", "dcgm_fields", "efa_sysfs", "node_exporter_port"):
         degraded.labels(comp).set(0)
     targets: list[Path] = []
 
@@ -80,22 +139,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         targets.append(discovery.register(m, args.run_dir, run, "node", f"{host}-{kind}", f"{advertise}:{port}",
                                           labels))
 
-    gpu_source, efa_source, collectors = "none", "none", []
-    fake = os.environ.get(FAKE_NVML_ENV)
-    if m.node_exporter == "auto" and not fake and probe(m.dcgm_exporter_port, "DCGM_FI_"):
-        gpu_source = "dcgm-exporter"
-        external("dcgm-exporter", m.dcgm_exporter_port)
-    else:
-        source, why = open_gpu_source(fake)
-        if source is not None:
-            collector = DcgmCollector(source, host)
-            collectors.append(collector)
-            registry.register(collector)
-            gpu_source = "fake" if fake else "nvml"
-        elif c.gpu_type != "cpu":
-            degraded.labels("nvml").set(1)
-            say(f"NVML is not available ({why}): no GPU metrics (DCGM_FI_*) from this node, and no "
-                f"dcgm-exporter answers on port {m.dcgm_exporter_port}")
+    def degrade(component: str, message: str) -> None:
+        degraded.labels(component).set(1)
+        say(message)
+
+    gpu_source, collectors = serve_gpu(m, c, host, args.run_dir, registry, external, degrade)
+    efa_source = "none"
     if m.node_exporter == "auto" and probe(m.efa_exporter_port, "node_amazonefa_"):
         efa_source = "aws-efa-exporter"
         external("efa-exporter", m.efa_exporter_port)

@@ -3,18 +3,26 @@
 Every rank serves its own registry on ``port_base + 1 + local_rank`` (an ephemeral port when that
 one is taken: the target file holds the real address). Rank 0 also exports the job-level series
 (state, stragglers, throughput drop) and, with ``pushgateway_url``, pushes them so the outcome of
-a job outlives its processes. A rank that fails pushes its own ``failed`` state.
+a job outlives its processes. A rank that fails pushes its own ``failed`` state; a run that ends
+cleanly deletes its Pushgateway groups (pushed series never expire), and a requeued run deletes
+the groups its earlier attempt left before it pushes again.
+
+Hygiene: no ``_created`` series (prometheus_client would add one per counter and histogram);
+step, compute and data-wait times are histograms with buckets for 50 ms to minutes-long steps.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Callable, Optional
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Summary, push_to_gateway, start_http_server
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, delete_from_gateway,
+                               disable_created_metrics, push_to_gateway, start_http_server)
 
 from monitoring import discovery
 from monitoring import names as n
@@ -24,6 +32,12 @@ from monitoring.events import (CheckpointEvent, Operation, Outcome, RankIdentity
 from monitoring.sinks import MetricSink
 
 Report = Callable[[str, str], None]  # (component, message): something is missing
+PUSH_JOB = "hyperlaunch"  # the Pushgateway job label; groups are {run, rank}
+# seconds; CPU toy steps take ~50 ms, a 405B step on 64 nodes ~30 s
+STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0)
+DATA_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)  # a healthy loader: under 10 ms
+
+disable_created_metrics()  # process-wide: every exporter here (ranks, node exporter) serves no _created series
 
 
 def serve(registry: CollectorRegistry, bind: str, port: int) -> tuple[object, int, Optional[str]]:
@@ -81,11 +95,13 @@ class PrometheusSink(MetricSink):
 
         self.step_g = gauge(n.TRAIN_STEP, "Last completed optimizer step.", push=True)
         self.step_s = gauge(n.TRAIN_STEP_SECONDS, "Wall time of the last step (equal on all ranks).")
-        self.step_sum = Summary(n.TRAIN_STEP_DURATION, "Step wall times.", registry=r)
+        self.step_hist = Histogram(n.TRAIN_STEP_DURATION, "Step wall times.", registry=r, buckets=STEP_BUCKETS)
         self.compute_s = gauge(n.TRAIN_COMPUTE_SECONDS, "This rank's compute time in the last step.")
-        self.compute_sum = Summary(n.TRAIN_COMPUTE_DURATION, "This rank's compute times.", registry=r)
+        self.compute_hist = Histogram(n.TRAIN_COMPUTE_DURATION, "This rank's compute times.", registry=r,
+                                      buckets=STEP_BUCKETS)
         self.wait_s = gauge(n.TRAIN_DATA_WAIT_SECONDS, "Data-loader wait of this rank in the last step.")
-        self.wait_sum = Summary(n.TRAIN_DATA_WAIT_DURATION, "Data-loader waits of this rank.", registry=r)
+        self.wait_hist = Histogram(n.TRAIN_DATA_WAIT_DURATION, "Data-loader waits of this rank.", registry=r,
+                                   buckets=DATA_WAIT_BUCKETS)
         self.tps = gauge(n.TRAIN_TOKENS_PER_SECOND, "Job throughput in the last step.", push=True)
         self.tokens = Counter(n.TRAIN_TOKENS, "Tokens trained by the job (the same count on every rank).", registry=r)
         self.tflops = gauge(n.TRAIN_TFLOPS_PER_GPU, "Model TFLOP/s per GPU in the last step.")
@@ -150,6 +166,7 @@ class PrometheusSink(MetricSink):
                 self._degrade("rank_port", problem)
             self._register(run)
         if self.cfg.pushgateway_url and self.job_level:
+            self._delete_groups(run, report=False)  # an earlier attempt's (a requeue); the push below reports
             self._push()
             self._pusher = threading.Thread(target=self._push_loop, name="prometheus-push", daemon=True)
             self._pusher.start()
@@ -172,11 +189,11 @@ class PrometheusSink(MetricSink):
     def step(self, s: StepSample) -> None:
         self.step_g.set(s.step)
         self.step_s.set(s.step_time_s)
-        self.step_sum.observe(s.step_time_s)
+        self.step_hist.observe(s.step_time_s)
         self.compute_s.set(s.compute_s)
-        self.compute_sum.observe(s.compute_s)
+        self.compute_hist.observe(s.compute_s)
         self.wait_s.set(s.data_wait_s)
-        self.wait_sum.observe(s.data_wait_s)
+        self.wait_hist.observe(s.data_wait_s)
         self.tps.set(s.tokens_per_s)
         self.tokens.inc(s.tokens)
         self.tflops.set(s.tflops_per_gpu)
@@ -226,8 +243,12 @@ class PrometheusSink(MetricSink):
         self._set_state(outcome.state)
         self.ended.set(time.time())
         self._stop.set()
-        if self.cfg.pushgateway_url and (self.job_level or outcome.state == "failed"):
-            self._push()
+        if self._pusher is not None:
+            self._pusher.join(timeout=10)  # a push in flight would bring a deleted group back
+        if self.cfg.pushgateway_url and outcome.state == "failed":
+            self._push()  # kept: HyperlaunchJobFailed fires even when the job was gone before a scrape
+        elif self.cfg.pushgateway_url and self.job_level and self._run is not None:
+            self._delete_groups(self._run, report=True)  # a clean end: nothing to alert on, nothing to keep
         if outcome.state == "failed" and self.cfg.final_scrape_grace_s > 0 and self._server is not None:
             time.sleep(self.cfg.final_scrape_grace_s)  # let Prometheus scrape the failed state once
         if outcome.state != "failed":  # a failed rank keeps its target: `up == 0` shows it until requeued
@@ -251,12 +272,29 @@ class PrometheusSink(MetricSink):
         while not self._stop.wait(self.cfg.push_interval_s):
             self._push()
 
+    def _delete_groups(self, run: RunInfo, report: bool) -> None:
+        """Delete every group of this run (a failed rank pushed its own), found through the Pushgateway's API."""
+        url = self.cfg.pushgateway_url
+        if url is None:
+            return
+        try:
+            with urllib.request.urlopen(f"{url.rstrip('/')}/api/v1/metrics", timeout=5) as resp:
+                groups = [g.get("labels", {}) for g in json.loads(resp.read()).get("data", [])]
+            for labels in groups:
+                if labels.get("job") == PUSH_JOB and labels.get("run") == run.run:
+                    delete_from_gateway(url, job=PUSH_JOB, timeout=5,
+                                        grouping_key={k: v for k, v in labels.items() if k != "job"})
+        except Exception as exc:
+            if report:
+                self._degrade("pushgateway", f"cannot delete the groups of run {run.run} from the Pushgateway "
+                              f"{url} ({type(exc).__name__}: {exc}); they never expire: delete them by hand")
+
     def _push(self) -> None:
         url = self.cfg.pushgateway_url
         if self._run is None or url is None:
             return
         try:
-            push_to_gateway(url, job="hyperlaunch", registry=self.push_registry, timeout=5,
+            push_to_gateway(url, job=PUSH_JOB, registry=self.push_registry, timeout=5,
                             grouping_key={"run": self._run.run, "rank": str(self.identity.rank)})
         except Exception as exc:
             if not self._push_failing:

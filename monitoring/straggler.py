@@ -22,8 +22,12 @@ Scores, computed per *group* of ranks doing the same work (same pipeline stage):
   ``raise_score`` for ``consecutive`` intervals and cleared once it stays at or above
   ``clear_score`` as long: hysteresis, so a flag does not flap.
 
-A whole-job throughput drop is the other half: the window median of tokens/s against the best
-window of the last ``baseline_intervals`` intervals.
+A whole-job throughput drop is the other half: the window median of tokens/s against a baseline,
+the median of the better half of the last ``baseline_intervals`` windows (the same rule as the
+straggler reference). Not the best window: one lucky window would raise the bar for every later
+one, so a job whose tokens/s jitter would flap, and would not be seen to recover. A drop that
+lasts for about half of ``baseline_intervals`` becomes the new baseline and is reported as
+recovered. Nothing is flagged before ``MIN_BASELINE`` windows.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ def reference(values: Sequence[float], higher_is_better: bool = False) -> float:
 
 
 MIN_HISTORY = 3  # windows a rank needs before its individual score counts (its best is noise before)
+MIN_BASELINE = 5  # windows the throughput baseline needs (the better half of fewer is one lucky window)
 
 
 @dataclass
@@ -122,7 +127,8 @@ class StragglerDetector:
 
 
 class ThroughputWatch:
-    """Flags a whole-job slowdown: window tokens/s below (1 - drop) x the recent best window."""
+    """Flags a whole-job slowdown: window tokens/s below (1 - drop) x the baseline (see the module doc);
+    clears it at (1 - drop / 2) x the baseline. Both after ``consecutive`` windows."""
 
     def __init__(self, cfg: StragglerConfig):
         self.cfg = cfg
@@ -132,9 +138,12 @@ class ThroughputWatch:
         self.dropped = False
 
     def update(self, step: int, tokens_per_s: float) -> ThroughputReport:
-        baseline = max(self._history) if self._history else tokens_per_s
+        baseline = reference(list(self._history), higher_is_better=True) if self._history else tokens_per_s
         changed = False
-        if tokens_per_s > 0 and baseline > 0:
+        if tokens_per_s <= 0 or baseline <= 0:
+            return ThroughputReport(step=step, tokens_per_s=tokens_per_s, baseline=baseline,
+                                    dropped=self.dropped, changed=False)
+        if len(self._history) >= min(MIN_BASELINE, self.cfg.baseline_intervals):
             low = tokens_per_s < (1.0 - self.cfg.throughput_drop) * baseline
             recovered = tokens_per_s >= (1.0 - self.cfg.throughput_drop / 2) * baseline
             self._below = self._below + 1 if low else 0
@@ -143,6 +152,6 @@ class ThroughputWatch:
                 self.dropped, changed = True, True
             elif self.dropped and self._above >= self.cfg.consecutive:
                 self.dropped, changed = False, True
-            self._history.append(tokens_per_s)
+        self._history.append(tokens_per_s)
         return ThroughputReport(step=step, tokens_per_s=tokens_per_s, baseline=baseline,
                                 dropped=self.dropped, changed=changed)

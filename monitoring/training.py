@@ -222,6 +222,8 @@ class MonitoringCallback:
     # -- API for other parts of the process ----------------------------------------------------
 
     def alert(self, alert: Alert) -> None:
+        """The one way into the sinks: redacted (console and log tails included), then rate-limited."""
+        alert = Alert(alert.title, redact(alert.text, self.secret_names), alert.level, alert.terminal)
         with self._alert_lock:
             admitted = self.limiter.admit(alert)
         if admitted is not None:

@@ -5,6 +5,13 @@ the run, logs and alerts. W&B forwards alerts to Slack or e-mail (user/team sett
 runs keep them in the ``.wandb`` file until ``wandb sync``. The worker also watches the failure
 board, because a rank that fails elsewhere makes torchrun stop rank 0 moments later: it sends
 the "Job failed" alert, finishes the run, then acknowledges so the failing rank may exit.
+
+Every row carries its training step as ``train/step``, the x axis of every metric
+(``define_metric``); rows are logged without ``step=``. A requeued job resumes the same W&B run
+and logs steps the run has seen before (the ones after its last checkpoint): with ``step=`` W&B
+drops every row below its last ``_step`` ("Tried to log to step ... that is less than the current
+step"), or renumbers them on ``wandb sync``; with a custom step metric ``_step`` is only a row
+counter and each metric is charted at its training step.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from monitoring.events import (Alert, CheckpointEvent, Level, Outcome, RunInfo, 
 from monitoring.sinks import MetricSink
 
 Report = Callable[[str, str], None]
+STEP_METRIC = "train/step"
 _ID = re.compile(r"[^A-Za-z0-9_-]+")
 
 
@@ -70,7 +78,6 @@ class WandbSink(MetricSink):
         self._thread: Optional[threading.Thread] = None
         self._info: Optional[RunInfo] = None
         self._run: Any = None
-        self._last_step = 0
         self._failed_sent = False
         self._finished = False
         self.dropped = 0
@@ -175,12 +182,12 @@ class WandbSink(MetricSink):
                 continue
             try:
                 if isinstance(item, _Log):
-                    self._last_step = max(self._last_step, item.step)
-                    self._run.log(item.data, step=self._last_step)
+                    self._run.log({**item.data, STEP_METRIC: item.step})
                 elif isinstance(item, Alert):
                     self._alert(item)
             except Exception as exc:  # keep the worker alive
-                self.report("wandb", f"W&B call failed ({type(exc).__name__}: {exc}); continuing")
+                self.report("wandb", f"W&B call failed ({type(exc).__name__}: {redact(str(exc), self.secret_names)}); "
+                            "continuing")
 
     def _init(self) -> None:
         import wandb
@@ -197,6 +204,8 @@ class WandbSink(MetricSink):
             mode="offline" if self.cfg.wandb_mode == "offline" else "online",
             config=self.run_config, job_type="train",
             settings=wandb.Settings(console="off", x_disable_stats=True, silent=True, init_timeout=90))
+        self._run.define_metric(STEP_METRIC)
+        self._run.define_metric("*", step_metric=STEP_METRIC)
 
     def _alert(self, alert: Alert) -> None:
         import wandb
@@ -233,7 +242,8 @@ class WandbSink(MetricSink):
                     self._run.summary.update({"outcome": "failed", "failed_rank": rank})
                     self._run.finish(exit_code=1)
                 except Exception as exc:
-                    self.report("wandb", f"W&B failure alert failed ({type(exc).__name__}: {exc})")
+                    self.report("wandb", f"W&B failure alert failed ({type(exc).__name__}: "
+                                f"{redact(str(exc), self.secret_names)})")
                 self._finished = True
             self.board.ack(rank)
 

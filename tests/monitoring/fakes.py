@@ -1,8 +1,10 @@
-"""Fake hardware for a GPU- and EFA-less machine: a sysfs tree written by the test, an NVML spec."""
+"""Fake hardware for a GPU- and EFA-less machine: a sysfs tree written by the test, a spec for the fake
+pynvml (tests/monitoring/fake_nvml/pynvml.py; conftest.fake_nvml_env puts it on PYTHONPATH)."""
 
 from __future__ import annotations
 
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -56,9 +58,16 @@ class HardwareTimeline(threading.Thread):
                 bump(self.root, DEVICES[1], "retrans_timeout_events", 1)
             if self.ticks == 16:
                 spec = json.loads(self.nvml_spec.read_text())
-                self.nvml_spec.write_text(json.dumps({**spec, "ecc_dbe": {"0": 2}}))
+                _atomic_write(self.nvml_spec, json.dumps({**spec, "ecc_dbe": {"0": 2}}))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """The fake pynvml re-reads its spec while the exporter runs: never let it see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def write_nvml_spec(path: Path, **spec: object) -> Path:
-    path.write_text(json.dumps({"gpus": 2, "model": "NVIDIA H100 80GB HBM3", **spec}))
+    _atomic_write(path, json.dumps({"gpus": 2, "model": "NVIDIA H100 80GB HBM3", **spec}))
     return path

@@ -90,6 +90,12 @@ class Pushgateway(Service):
                          "pushgateway")
 
 
+    def groups(self) -> list[dict]:
+        """Every pushed group: [{"labels": {...}, <metric name>: ...}, ...]."""
+        with urllib.request.urlopen(f"{self.url}/api/v1/metrics", timeout=10) as resp:
+            return json.loads(resp.read())["data"]
+
+
 class Prometheus(Service):
     def __init__(self, config_text: str, workdir: Path):
         self.port = free_port()

@@ -13,7 +13,10 @@ import socket
 
 import pytest
 
-from tests.monitoring.conftest import Launched, Stack, launch
+from tests.faults import FAULT_ENV, PLUGIN
+
+from tests.monitoring.conftest import Launched, Stack, fake_nvml_env, launch
+from tests.monitoring.fakes import write_nvml_spec
 from tests.monitoring.services import free_port, wait_for
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.timeout(240)]
@@ -25,7 +28,7 @@ def failed_run(stack: Stack) -> Launched:
         "training.train_steps=60", "monitoring.wandb=true", "monitoring.wandb_mode=offline",
         f"monitoring.pushgateway_url={stack.pushgateway.url}", "monitoring.final_scrape_grace_s=2",
         "monitoring.alerts.log_tail_lines=5",
-    ], env={"HYPERLAUNCH_TEST_FAULT": "fail:rank=1,step=25"})
+    ], env={FAULT_ENV: "fail:rank=1,step=25", "HYPERLAUNCH_PLUGINS": PLUGIN})
     assert run.proc.returncode == 1, run.output[-4000:]
     return run
 
@@ -63,6 +66,7 @@ def test_failed_state_reaches_prometheus_and_the_job_failed_rule(stack: Stack, f
 @pytest.fixture(scope="module")
 def degraded_run(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> tuple[Launched, int]:
     home = tmp_path_factory.mktemp("home")  # no ~/.netrc: W&B has no credentials
+    no_driver = write_nvml_spec(home / "nvml.json", error="LibraryNotFound")  # the same on a GPU machine
     taken = socket.socket()
     taken.bind(("0.0.0.0", 0))
     taken.listen()
@@ -73,7 +77,7 @@ def degraded_run(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> tupl
             "cluster.efa_devices=2", "monitoring.efa_sysfs_dir=/nonexistent/infiniband",
             f"monitoring.pushgateway_url=http://127.0.0.1:{free_port()}", "monitoring.push_interval_s=1",
             "monitoring.wandb=true", "monitoring.wandb_mode=online",
-        ], env={"HOME": str(home)})
+        ], env={"HOME": str(home), **fake_nvml_env(no_driver)})
     finally:
         taken.close()
     return run, base

@@ -1,8 +1,8 @@
 """A real Prometheus scrapes a real 2-rank CPU training run (torchrun via the launcher).
 
-One monitored run, shared by the tests below: rank 1 becomes 8x slower in its compute section
-for 60 steps (test-only fault injection in trainer.timing), fake NVML serves two H100s with an
-XID 79 and a double-bit ECC error, a fake EFA sysfs tree shows traffic with a retransmit burst
+One monitored run, shared by the tests below: rank 1 becomes 16x slower in its compute section
+for 40 steps (test-only fault injection in trainer.timing), a fake pynvml (tests/monitoring/fake_nvml)
+under the product's real NVML reader serves two H100s with an XID 79 and a double-bit ECC error, a fake EFA sysfs tree shows traffic with a retransmit burst
 and impaired/unresponsive remotes, W&B runs offline. Checkpointing is real: async saves every 10
 steps, replicated to a real S3 server on loopback (moto) that is killed once the first step is
 in S3, so replication starts failing the way it does when S3 becomes unreachable.
@@ -16,22 +16,23 @@ import json
 import re
 import socket
 import threading
-import time
 from pathlib import Path
 from typing import Iterator
 
 import pytest
+
+from tests.faults import FAULT_ENV, PLUGIN
 import yaml
 
 from monitoring import dashboards
 from monitoring.launch import RULES_DIR
 from tests.checkpointing.s3_services import CREDENTIALS, MotoServer
-from tests.monitoring.conftest import Launched, Stack, launch
+from tests.monitoring.conftest import Launched, Stack, fake_nvml_env, launch
 from tests.monitoring.fakes import HardwareTimeline, write_efa_tree, write_nvml_spec
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.timeout(240)]
 
-RUN_STEPS = 170
+RUN_STEPS = 200  # 5 windows of 10 steps before the fault (the throughput baseline), 9 after it
 FIRING = {  # alerts whose condition this run creates
     "HyperlaunchStraggler", "HyperlaunchThroughputDrop", "HyperlaunchReplicationFailing", "GpuXidCritical",
     "GpuXidError", "GpuEccDoubleBit", "GpuRowRemapFailure", "EfaImpairedRemoteConnection", "EfaUnresponsiveRemote",
@@ -83,17 +84,18 @@ def healthy_run(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Itera
             "checkpoint.s3.max_attempts=1", "checkpoint.s3.final_upload_timeout_s=3",
             f"monitoring.efa_sysfs_dir={efa}", "monitoring.wandb=true", "monitoring.wandb_mode=offline",
             f"monitoring.pushgateway_url={stack.pushgateway.url}", "monitoring.push_interval_s=1",
-            "monitoring.straggler.enabled=true", "monitoring.straggler.interval_steps=5",
-            # thresholds far from the defaults: two CPU ranks on two shared cores differ by up to 2.5x for
-            # seconds at a time; the benchmark, not this test, measures sensitivity
+            "monitoring.straggler.enabled=true", "monitoring.straggler.interval_steps=10",
+            # thresholds far from the defaults: two CPU ranks sharing two cores with Prometheus, S3, W&B and
+            # the replicator (and, in the loaded-core check, a CPU hog) differ by up to 3x for seconds, and
+            # the job's tokens/s by 2-3x between windows; the benchmark, not this test, measures sensitivity
             "monitoring.straggler.warmup_steps=20", "monitoring.straggler.raise_score=0.3",
-            "monitoring.straggler.clear_score=0.6", "monitoring.straggler.consecutive=3",
+            "monitoring.straggler.clear_score=0.6", "monitoring.straggler.consecutive=2",
             "monitoring.straggler.throughput_drop=0.6", "monitoring.alerts.min_interval_s=0",
+            "monitoring.alerts.max_per_hour=1000",  # every replication failure alerts (min_interval_s=0)
         ], env={
-            "HYPERLAUNCH_FAKE_NVML": str(spec),
-            "HYPERLAUNCH_TEST_FAULT": "slow:rank=1,factor=8,from=45,to=105",
+            **fake_nvml_env(spec),
+            FAULT_ENV: "slow:rank=1,factor=16,from=65,to=105", "HYPERLAUNCH_PLUGINS": PLUGIN,
             **CREDENTIALS,
-            "WANDB_API_KEY": "0123456789abcdef0123456789abcdef01234567",  # must never show up in an alert
         }, timeout_s=200)
     finally:
         timeline.stop.set()
@@ -139,10 +141,11 @@ def test_dashboard_files_are_current_and_variables_resolve(stack: Stack, healthy
 
 
 def _rules() -> list[dict]:
+    """The alerting rules (recording rules feed them and are judged through them)."""
     rules = []
     for path in sorted(RULES_DIR.glob("*.yml")):
         for group in yaml.safe_load(path.read_text())["groups"]:
-            rules += group["rules"]
+            rules += [r for r in group["rules"] if "alert" in r]
     return rules
 
 
@@ -208,17 +211,14 @@ def test_targets_recorded_in_run_dir_and_removed_after_a_clean_finish(stack: Sta
     assert f"{healthy_run.run_dir.name}.rank-*.json" in config and "rules/hyperlaunch.yml" in config
 
 
-def test_pushgateway_keeps_the_final_state(stack: Stack, healthy_run: Launched) -> None:
+def test_pushgateway_had_the_running_state_and_lost_the_group_at_the_clean_end(stack: Stack,
+                                                                                healthy_run: Launched) -> None:
     run = healthy_run.run_dir.name
-
-    def finished() -> list[dict]:
-        return stack.prometheus.query(f'hyperlaunch_job_state{{job="hyperlaunch", run="{run}", state="finished"}}')
-
-    deadline = time.monotonic() + 10
-    while not finished() and time.monotonic() < deadline:
-        time.sleep(0.5)
-    result = finished()
-    assert result and result[0]["value"][1] == "1", result
+    window = (healthy_run.start, healthy_run.end + 5)
+    pushed = stack.prometheus.query_range(
+        f'hyperlaunch_job_state{{job="hyperlaunch", run="{run}", state="running"}} == 1', *window)
+    assert pushed and all(s["metric"].get("rank") == "0" for s in pushed), pushed
+    assert run not in json.dumps(stack.pushgateway.groups())  # deleted when the run finished
 
 
 def test_wandb_offline_run_has_alerts_and_metrics(healthy_run: Launched) -> None:
@@ -230,9 +230,9 @@ def test_wandb_offline_run_has_alerts_and_metrics(healthy_run: Launched) -> None
         assert expected in titles, titles
     detected = next(a for a in alerts if a["title"] == "Straggler detected: rank 1")
     assert re.search(r"rank 1 on \S+, GPU 1 \(cpu\): score 0\.\d\d", detected["text"]), detected
-    assert all("0123456789abcdef0123456789abcdef01234567" not in a["text"] for a in alerts)
     history = [r["history"]["item"] for r in records if r["type"] == "history"]
-    assert len([h for h in history if "train/loss" in h]) == RUN_STEPS
+    losses = [h for h in history if "train/loss" in h]
+    assert len(losses) == RUN_STEPS and [int(h["train/step"]) for h in losses] == list(range(1, RUN_STEPS + 1))
     assert any("straggler/min_score" in h for h in history) and any("train/mfu" in h for h in history)
     exit_record = [r for r in records if r["type"] == "exit"]
     assert exit_record and exit_record[-1]["exit"].get("exit_code", 0) == 0
@@ -245,7 +245,7 @@ def test_checkpoint_series_come_from_the_real_saves(stack: Stack, healthy_run: L
         f'hyperlaunch_checkpoint_operations_total{{run="{run}", operation="save", outcome="ok"}}', *window)
     counted = {s["metric"]["rank"] for s in saves if max(float(v) for _, v in s["values"]) > 0}
     assert counted == {"0", "1"}, saves  # every rank reports its share
-    assert max(float(v) for s in saves for _, v in s["values"]) >= 5  # saves every 10 of 170 steps
+    assert max(float(v) for s in saves for _, v in s["values"]) >= 5  # saves every 10 of 200 steps
     sizes = {float(v) for s in stack.prometheus.query_range(f'hyperlaunch_checkpoint_size_bytes{{run="{run}"}}',
                                                             *window) for _, v in s["values"]} - {0.0}  # 0 before the first save
     manifests = [json.loads(p.read_text()) for p in _checkpoint_dir(healthy_run).glob("step_*/manifest.json")]
