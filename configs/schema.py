@@ -15,6 +15,7 @@ from omegaconf import MISSING
 
 from configs.checkpoint_config import CheckpointConfig
 from configs.monitoring_config import MonitoringConfig
+from configs.preflight_config import PreflightConfig
 from configs.resilience_config import ResilienceConfig
 
 __all__ = ["ModelConfig", "ClusterConfig", "BlendSource", "DataConfig", "TrainingConfig", "ParallelismConfig",
@@ -74,6 +75,9 @@ class ClusterConfig:
     # is taken to carry it, as NGC/DLC images do; otherwise the launching environment is probed)
     transformer_engine: Optional[bool] = None
     nccl_nvls: Optional[bool] = None  # NCCL_NVLS_ENABLE; null leaves it to NCCL and aws-ofi-nccl
+    preflight: PreflightConfig = field(default_factory=PreflightConfig)  # node health checks before training
+    price_per_node_hour: Optional[float] = None  # USD per node-hour: cost so far and projected (goodput ledger)
+    calibration: Optional[str] = None  # a cluster_calibration.yaml (memory_predictor calibrate) for the plans
     container_image: Optional[str] = None  # pyxis/enroot image (.sqsh path or registry URI)
     container_mounts: list[str] = field(default_factory=list)  # "src:dst" pairs
     requeue: bool = True

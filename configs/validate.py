@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 
-from configs import checkpoint_config, monitoring_config, resilience_config
+from configs import checkpoint_config, monitoring_config, preflight_config, resilience_config
 from configs.derived import derived_dp, padded_vocab_size, parse_time_limit
 from configs.errors import ConfigError, Problem
 from configs.hardware import GPU_TYPES, lookup_instance
@@ -44,6 +44,7 @@ def validate(cfg: RootConfig) -> None:
     checkpoint_config.check(cfg.checkpoint, add)
     monitoring_config.check(cfg.monitoring, add)
     resilience_config.check(cfg.resilience, add)
+    preflight_config.check(cfg.cluster.preflight, add)
     if not problems:  # the divisibility rules need positive sizes
         if cfg.parallelism.mode == "auto":  # the layout fields are filled by the predictor at launch
             _check_model(cfg, add)
@@ -217,6 +218,8 @@ def _check_cluster(cfg: RootConfig, add) -> None:
         elif c.signal_seconds and c.signal_seconds >= limit:
             add("cluster.signal_seconds", c.signal_seconds,
                 f"must be shorter than cluster.time_limit ({limit} s) to leave time to checkpoint")
+    if c.price_per_node_hour is not None and c.price_per_node_hour < 0:
+        add("cluster.price_per_node_hour", c.price_per_node_hour, "must be >= 0 (USD per node-hour), or null")
     if c.rdzv_port <= 0 or c.rdzv_port > 65535:
         add("cluster.rdzv_port", c.rdzv_port, "must be a TCP port (1-65535)")
     for i, mount in enumerate(c.container_mounts):
