@@ -43,6 +43,20 @@ class AlertConfig:
 
 
 @dataclass
+class PlanCheckConfig:
+    """Plan vs actual: the run's step time and peak memory against its own prediction.json."""
+
+    enabled: bool = True
+    warmup_steps: int = 5  # steps of each attempt not compared (first compiles, allocator warm-up)
+    window_steps: int = 20  # compare the median of every window of this many steps
+    step_time_band: float = 0.25  # drift when measured / predicted step time leaves [1/(1+band), 1+band]
+    memory_low: float = 0.5  # drift when measured / predicted peak memory is below this ("far below")...
+    memory_high: float = 1.10  # ...or above this (out-of-memory risk)
+    data_wait_share: float = 0.15  # a likely cause when ranks wait this share of a step for batches
+    straggler_ratio: float = 1.15  # a likely cause when one rank computes this much longer than the median
+
+
+@dataclass
 class MonitoringConfig:
     prometheus: bool = False  # per-rank exporters + one node exporter (GPU/EFA) per node
     port_base: int = 9450  # node exporter on port_base, rank r on port_base + 1 + local_rank
@@ -63,6 +77,7 @@ class MonitoringConfig:
     wandb_dir: Optional[str] = None  # default: the run directory
     straggler: StragglerConfig = field(default_factory=StragglerConfig)
     alerts: AlertConfig = field(default_factory=AlertConfig)
+    plan: PlanCheckConfig = field(default_factory=PlanCheckConfig)
 
     @property
     def any_sink(self) -> bool:
@@ -93,6 +108,24 @@ def check(cfg: MonitoringConfig, add: AddProblem) -> None:
         add("monitoring.final_scrape_grace_s", cfg.final_scrape_grace_s, "must be between 0 and 300 seconds")
     _check_straggler(cfg.straggler, add)
     _check_alerts(cfg.alerts, add)
+    _check_plan(cfg.plan, add)
+
+
+def _check_plan(p: PlanCheckConfig, add: AddProblem) -> None:
+    if p.warmup_steps < 0:
+        add("monitoring.plan.warmup_steps", p.warmup_steps, "must be >= 0")
+    if p.window_steps < 3:
+        add("monitoring.plan.window_steps", p.window_steps, "must be >= 3 (a median needs a few steps)")
+    if p.step_time_band <= 0:
+        add("monitoring.plan.step_time_band", p.step_time_band, "must be > 0 (0.25: drift beyond +-25%)")
+    if not 0 < p.memory_low < 1:
+        add("monitoring.plan.memory_low", p.memory_low, "must be between 0 and 1 (0.5: half the predicted peak)")
+    if p.memory_high <= 1:
+        add("monitoring.plan.memory_high", p.memory_high, "must be > 1 (1.10: 10% above the predicted peak)")
+    if not 0 < p.data_wait_share < 1:
+        add("monitoring.plan.data_wait_share", p.data_wait_share, "must be between 0 and 1 (0.15: 15% of a step)")
+    if p.straggler_ratio <= 1:
+        add("monitoring.plan.straggler_ratio", p.straggler_ratio, "must be > 1 (1.15: 15% slower than the median)")
 
 
 def _check_straggler(s: StragglerConfig, add: AddProblem) -> None:

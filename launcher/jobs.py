@@ -96,14 +96,19 @@ def tail_text(path: Path, lines: int) -> str:
 
 
 def _print_status(run: Path, rec: dict[str, Any], as_json: bool) -> None:
+    from launcher import goodput_view
+
+    ledger = goodput_view.summary(run)
     if as_json:
-        console.info(json.dumps({"run_dir": str(run), **rec}, sort_keys=True))
+        console.info(json.dumps({"run_dir": str(run), **rec, "goodput": ledger}, sort_keys=True))
         return
     parts = [f"{run.name}: {rec.get('state', 'UNKNOWN')}"]
     for key in ("backend", "job_id", "exit_code", "reason", "nodes", "elapsed"):
         if rec.get(key) not in (None, "", "None"):
             parts.append(f"{key}={rec[key]}")
     console.info("  ".join(parts))
+    if ledger is not None:
+        console.info("\n".join(goodput_view.lines(ledger)))
     if rec.get("state") in TERMINAL - {"COMPLETED", "NOT_SUBMITTED"}:
         for path in log_files(run, rec) + log_files(run, rec, stderr=True):
             text = tail_text(path, 20)

@@ -141,10 +141,51 @@ def _efa() -> Dashboard:
     ))
 
 
+def _goodput_row() -> tuple[Panel, ...]:
+    """The top row: how far along, when it ends, what it costs, where the wall time went (trainer.tracker)."""
+    def job(metric: str) -> str:
+        return f"max by (run) ({metric}{{{R}}})"
+
+    return (
+        Panel("Progress (tokens)", (Q(job("hyperlaunch_progress_ratio"), "{{run}}"),), "percentunit", kind="stat",
+              width=4, height=5, minimum=0, maximum=1,
+              description="Consumed / total tokens; milestones at 10/25/50/75/90/100% alert in W&B."),
+        Panel("ETA", (Q(job("hyperlaunch_eta_seconds"), "{{run}}"),), "s", kind="stat", width=4, height=5,
+              description="Remaining steps x the smoothed recent wall time per step (checkpoints and evaluation included)."),
+        Panel("Elapsed (restarts included)", (Q(job("hyperlaunch_elapsed_seconds"), "{{run}}"),), "s", kind="stat",
+              width=4, height=5),
+        Panel("Goodput", (Q(job("hyperlaunch_goodput_ratio"), "{{run}}"),), "percentunit", kind="stat", width=4,
+              height=5, minimum=0, maximum=1, thresholds=((None, "red"), (0.8, "orange"), (0.9, "green")),
+              description="Productive training time / wall time since the first attempt."),
+        Panel("Cost so far / projected", (Q(job("hyperlaunch_cost_usd"), "so far {{run}}"),
+                                          Q(job("hyperlaunch_projected_cost_usd"), "projected {{run}}")),
+              "currencyUSD", kind="stat", width=4, height=5,
+              description="cluster.price_per_node_hour x nodes x wall hours; projected = so far / progress."),
+        Panel("Plan vs actual (measured / predicted)", (Q(job("hyperlaunch_plan_step_time_ratio"), "step time {{run}}"),
+                                                        Q(job("hyperlaunch_plan_memory_ratio"), "peak memory {{run}}")),
+              "none", kind="stat", width=4, height=5, thresholds=((None, "green"), (1.25, "orange"), (1.5, "red")),
+              description="Against the run's prediction.json; the run log's plan line names the likely cause of a drift."),
+        Panel("Where the wall time went", (Q(f"max by (run, category) (hyperlaunch_wall_seconds{{{R}}})",
+                                             "{{category}}"),), "s", width=12, height=8,
+              description="The goodput ledger: productive, start-up and reload, checkpoint stalls, evaluation, data "
+                          "waits, restarts (downtime and redone steps), straggler slowdown, other."),
+        Panel("Restarts", (Q(job("hyperlaunch_run_attempts"), "attempts {{run}}"),
+                           Q(job("hyperlaunch_redone_steps"), "redone steps {{run}}"),
+                           Q(f"{job('hyperlaunch_restart_lost_seconds')} or {job('hyperlaunch_run_attempts')} * 0",
+                             "last restart lost s {{run}}")), "short", width=6, height=8,
+              description="Attempts (1 + restarts and requeues), steps trained again, and what the last restart "
+                          "cost (detection, down, reload, redone work; 0 before any restart)."),
+        Panel("Tokens per GPU-hour", (Q(job("hyperlaunch_tokens_per_gpu_hour"), "{{run}}"),), "short", width=6,
+              height=8, description="Tokens consumed / (wall hours x GPUs): goodput and throughput in one number."),
+    )
+
+
 def _training() -> Dashboard:
     rate = "[$__rate_interval]"
     return Dashboard("hyperlaunch-training", "hyperlaunch / Training",
-                     "Throughput, MFU, loss and the per-rank straggler view of hyperlaunch runs.", (
+                     "Progress and goodput against the plan, throughput, MFU, loss and the per-rank straggler view "
+                     "of hyperlaunch runs.", (
+        *_goodput_row(),
         Panel("Throughput", (Q(f"max by (run) (hyperlaunch_train_tokens_per_second{{{R}}})", "tokens/s {{run}}"),
                              Q(f"max by (run) (hyperlaunch_throughput_baseline_tokens_per_second{{{R}}})",
                                "baseline {{run}}")), "short"),

@@ -6,6 +6,10 @@ import enum
 from dataclasses import dataclass, field
 from typing import Optional
 
+from trainer.progress import RunProgress
+
+ProgressSample = RunProgress  # rank 0's view of the run per step: progress, goodput ledger, plan ratios (plain data)
+
 
 @dataclass(frozen=True)
 class RankIdentity:

@@ -50,6 +50,24 @@ CKPT_SIZE = P + "checkpoint_size_bytes"
 CKPT_OPERATIONS = P + "checkpoint_operations"  # counter (_total) {operation, outcome}
 CKPT_LAST_SUCCESS = P + "checkpoint_last_success_timestamp_seconds"  # {operation}
 
+# progress, the goodput ledger and plan vs actual (rank 0; trainer.tracker), kept across restarts
+PROGRESS = P + "progress_ratio"  # consumed / total tokens, 0-1
+PROGRESS_TOKENS = P + "progress_tokens"  # tokens consumed (the run's, not this attempt's)
+PROGRESS_TOKENS_TARGET = P + "progress_tokens_target"
+MILESTONE = P + "progress_milestone_percent"  # highest of 10/25/50/75/90/100 reached
+ETA = P + "eta_seconds"  # smoothed recent wall time per step x remaining steps
+ELAPSED = P + "elapsed_seconds"  # wall time since the first attempt started (restarts included)
+GOODPUT = P + "goodput_ratio"  # productive / wall
+WALL = P + "wall_seconds"  # {category}: the ledger (productive, startup, checkpoint, evaluation, ...)
+TOKENS_PER_GPU_HOUR = P + "tokens_per_gpu_hour"
+COST = P + "cost_usd"  # with cluster.price_per_node_hour
+COST_PROJECTED = P + "projected_cost_usd"
+ATTEMPTS = P + "run_attempts"  # processes that trained this run (1 + restarts and requeues)
+REDONE_STEPS = P + "redone_steps"  # steps trained again after restarts
+RESTART_LOST = P + "restart_lost_seconds"  # the last restart: detection + down + reload + redone work
+PLAN_STEP_RATIO = P + "plan_step_time_ratio"  # measured / predicted (prediction.json)
+PLAN_MEMORY_RATIO = P + "plan_memory_ratio"
+
 # the job (rank 0) and the monitoring itself (every process)
 JOB_STATE = P + "job_state"  # {state=running|finished|stopped|failed}, one-hot
 JOB_START = P + "job_start_time_seconds"

@@ -27,8 +27,8 @@ from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, del
 from monitoring import discovery
 from monitoring import names as n
 from configs.monitoring_config import MonitoringConfig
-from monitoring.events import (CheckpointEvent, Operation, Outcome, RankIdentity, RunInfo, StepSample,
-                               StragglerReport, ThroughputReport, ValidationSample)
+from monitoring.events import (CheckpointEvent, Operation, Outcome, ProgressSample, RankIdentity, RunInfo,
+                               StepSample, StragglerReport, ThroughputReport, ValidationSample)
 from monitoring.sinks import MetricSink
 
 Report = Callable[[str, str], None]  # (component, message): something is missing
@@ -135,11 +135,32 @@ class PrometheusSink(MetricSink):
             self.stragglers_g = gauge(n.STRAGGLERS, "Ranks flagged as stragglers now.", push=True)
             self.drop = gauge(n.THROUGHPUT_DROP, "1 while the job runs below its throughput baseline.", push=True)
             self.baseline = gauge(n.THROUGHPUT_BASELINE, "Recent best window median of tokens/s.", push=True)
+            self._build_progress(gauge)
         for comp in ("rank_port", "discovery", "pushgateway", "wandb"):
             self.degraded_g.labels(comp).set(0)
         for op in Operation:
             self.ckpt_ops.labels(op.value, "ok")
             self.ckpt_ops.labels(op.value, "failed")
+
+    def _build_progress(self, gauge: Callable[..., Gauge]) -> None:
+        """Rank 0's run-level series: progress, the goodput ledger and plan vs actual (all pushed)."""
+        self.progress_g = gauge(n.PROGRESS, "Consumed / total tokens of the run (0-1).", push=True)
+        self.progress_tokens = gauge(n.PROGRESS_TOKENS, "Tokens the run has consumed.", push=True)
+        self.progress_target = gauge(n.PROGRESS_TOKENS_TARGET, "Tokens the run trains in total.", push=True)
+        self.milestone = gauge(n.MILESTONE, "Highest progress milestone reached (10/25/50/75/90/100).", push=True)
+        self.eta = gauge(n.ETA, "Estimated seconds to the end (smoothed recent wall time per step).", push=True)
+        self.elapsed = gauge(n.ELAPSED, "Wall seconds since the run's first attempt started.", push=True)
+        self.goodput = gauge(n.GOODPUT, "Productive training time / wall time (0-1).", push=True)
+        self.wall = gauge(n.WALL, "Wall seconds of the run by category (the goodput ledger).", ("category",), push=True)
+        self.tokens_gpu_hour = gauge(n.TOKENS_PER_GPU_HOUR, "Tokens per GPU-hour of wall time.", push=True)
+        self.cost = gauge(n.COST, "Cost so far (cluster.price_per_node_hour x nodes x wall hours).", push=True)
+        self.cost_projected = gauge(n.COST_PROJECTED, "Cost so far / progress.", push=True)
+        self.attempts = gauge(n.ATTEMPTS, "Processes that trained this run (1 + restarts and requeues).", push=True)
+        self.redone = gauge(n.REDONE_STEPS, "Steps trained again after restarts.", push=True)
+        self.restart_lost = gauge(n.RESTART_LOST, "Seconds the last restart cost (detection, down, reload, redone).",
+                                  push=True)
+        self.plan_step = gauge(n.PLAN_STEP_RATIO, "Measured / predicted step time (prediction.json).", push=True)
+        self.plan_memory = gauge(n.PLAN_MEMORY_RATIO, "Measured / predicted peak memory.", push=True)
 
     # -- events --------------------------------------------------------------------------------
 
@@ -203,6 +224,34 @@ class PrometheusSink(MetricSink):
         if s.grad_norm is not None:
             self.grad_norm.set(s.grad_norm)
         self.lr.set(s.lr)
+
+    def progress(self, p: ProgressSample) -> None:
+        if not self.job_level:
+            return
+        self.progress_g.set(p.fraction)
+        self.progress_tokens.set(p.tokens_done)
+        self.progress_target.set(p.tokens_total)
+        if p.milestone is not None:
+            self.milestone.set(p.milestone)
+        if p.eta_s is not None:
+            self.eta.set(p.eta_s)
+        self.elapsed.set(p.elapsed_s)
+        self.goodput.set(p.goodput)
+        for category, seconds in p.seconds.items():
+            self.wall.labels(category).set(seconds)
+        self.tokens_gpu_hour.set(p.tokens_per_gpu_hour)
+        if p.cost_usd is not None:
+            self.cost.set(p.cost_usd)
+        if p.projected_cost_usd is not None:
+            self.cost_projected.set(p.projected_cost_usd)
+        self.attempts.set(p.attempts)
+        self.redone.set(p.redone_steps)
+        if p.last_restart_lost_s is not None:
+            self.restart_lost.set(p.last_restart_lost_s)
+        if p.plan_step_time_ratio is not None:
+            self.plan_step.set(p.plan_step_time_ratio)
+        if p.plan_memory_ratio is not None:
+            self.plan_memory.set(p.plan_memory_ratio)
 
     def stragglers(self, report: StragglerReport) -> None:
         for sc in report.scores:

@@ -12,8 +12,8 @@ import sys
 import threading
 from typing import Callable, Iterable, TextIO
 
-from monitoring.events import (Alert, CheckpointEvent, Outcome, RunInfo, StepSample, StragglerReport,
-                               ThroughputReport, ValidationSample)
+from monitoring.events import (Alert, CheckpointEvent, Outcome, ProgressSample, RunInfo, StepSample,
+                               StragglerReport, ThroughputReport, ValidationSample)
 
 
 class MetricSink:
@@ -29,6 +29,9 @@ class MetricSink:
 
     def validation(self, sample: ValidationSample) -> None:
         pass
+
+    def progress(self, sample: ProgressSample) -> None:
+        """Rank 0, every step: progress, ETA, the goodput ledger and the plan ratios."""
 
     def stragglers(self, report: StragglerReport) -> None:
         pass
@@ -84,6 +87,9 @@ class FanOut(MetricSink):
 
     def validation(self, sample: ValidationSample) -> None:
         self._each("validation", sample)
+
+    def progress(self, sample: ProgressSample) -> None:
+        self._each("progress", sample)
 
     def stragglers(self, report: StragglerReport) -> None:
         self._each("stragglers", report)

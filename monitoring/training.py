@@ -155,6 +155,10 @@ class MonitoringCallback:
                             tflops_per_gpu=report.tflops_per_gpu, mfu_percent=report.mfu_percent,
                             compute_s=report.compute_s, data_wait_s=report.data_wait_s)
         self.sinks.step(sample)
+        if report.run is not None:  # rank 0: progress, the goodput ledger, plan vs actual
+            self.sinks.progress(report.run)
+        for notice in report.notices:  # milestones, restarts (and what they cost), plan drift
+            self.alert(Alert(notice.title, notice.text, Level(notice.level)))
         if self.straggler is not None:
             self.straggler.step(sample)
         spent = time.perf_counter() - started

@@ -28,8 +28,8 @@ from urllib.parse import urlparse
 
 from monitoring.alerts import FailureBoard, clip, redact
 from configs.monitoring_config import MonitoringConfig
-from monitoring.events import (Alert, CheckpointEvent, Level, Outcome, RunInfo, StepSample, StragglerReport,
-                               ThroughputReport, ValidationSample)
+from monitoring.events import (Alert, CheckpointEvent, Level, Outcome, ProgressSample, RunInfo, StepSample,
+                               StragglerReport, ThroughputReport, ValidationSample)
 from monitoring.sinks import MetricSink
 
 Report = Callable[[str, str], None]
@@ -41,6 +41,11 @@ _ID = re.compile(r"[^A-Za-z0-9_-]+")
 class _Log:
     step: int
     data: dict[str, float]
+
+
+@dataclass(frozen=True)
+class _Summary:
+    data: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,7 @@ class WandbSink(MetricSink):
         self._failed_sent = False
         self._finished = False
         self.dropped = 0
+        self._latest_summary: dict[str, Any] = {}  # the newest progress, written into the summary at the end
         self.thread_cpu_s = 0.0  # CPU time of the worker thread after wandb.init (set when it ends)
         self.init_cpu_s = 0.0  # ...and of wandb.init (once per run, before the first step is logged)
 
@@ -106,6 +112,23 @@ class WandbSink(MetricSink):
         if s.mfu_percent is not None:
             data["train/mfu"] = s.mfu_percent / 100.0
         self._put(_Log(s.step, data))
+
+    def progress(self, p: ProgressSample) -> None:
+        """Progress and goodput as metrics (at the log interval), the run's standing in the summary."""
+        summary: dict[str, Any] = {"progress/fraction": p.fraction, "progress/tokens": p.tokens_done,
+                                   "goodput/ratio": p.goodput, "goodput/attempts": p.attempts,
+                                   "goodput/redone_steps": p.redone_steps, "goodput/tokens_per_gpu_hour":
+                                   p.tokens_per_gpu_hour, **{f"goodput/{k}_s": v for k, v in p.seconds.items()}}
+        for key, value in (("progress/eta_s", p.eta_s), ("progress/milestone", p.milestone),
+                           ("goodput/cost_usd", p.cost_usd), ("goodput/projected_cost_usd", p.projected_cost_usd),
+                           ("goodput/last_restart_lost_s", p.last_restart_lost_s),
+                           ("plan/step_time_ratio", p.plan_step_time_ratio), ("plan/memory_ratio", p.plan_memory_ratio)):
+            if value is not None:
+                summary[key] = value
+        summary["progress/elapsed_s"] = p.elapsed_s
+        if p.step % self.log_interval == 0 or p.fraction >= 1.0:
+            self._put(_Log(p.step, {k: float(v) for k, v in summary.items()}))
+        self._latest_summary = summary
 
     def validation(self, v: ValidationSample) -> None:
         data = {"val/loss": v.loss, "val/perplexity": v.perplexity}
@@ -137,6 +160,8 @@ class WandbSink(MetricSink):
     def finish(self, outcome: Outcome) -> None:
         if self._thread is None:
             return
+        if self._latest_summary:
+            self._put(_Summary(dict(self._latest_summary)), block=True)
         self._put(_Finish(outcome), block=True)
         self._thread.join(timeout=60)
 
@@ -183,6 +208,8 @@ class WandbSink(MetricSink):
             try:
                 if isinstance(item, _Log):
                     self._run.log({**item.data, STEP_METRIC: item.step})
+                elif isinstance(item, _Summary):
+                    self._run.summary.update(item.data)
                 elif isinstance(item, Alert):
                     self._alert(item)
             except Exception as exc:  # keep the worker alive

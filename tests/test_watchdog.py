@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,12 @@ def test_hung_rank_is_detected_and_the_job_restarts_in_place(tmp_path: Path) -> 
     dump = next((run / "hangs").glob("*.txt")).read_text()
     assert "=== rank 1" in dump and "faults.py" in dump  # py-spy shows where the rank is stuck
     assert "checkpoint: resumed from" in log
+    # what the restart cost: a log line, the ledger (and from there a metric and an alert)
+    restart = json.loads((run / "goodput.json").read_text())["restarts"][0]
+    assert restart["detection_s"] == pytest.approx(event["detected"] - event["last_progress"], abs=0.01)
+    assert restart["lost_s"] >= restart["detection_s"] + restart["reload_s"]
+    assert re.search(r"^restart: attempt 2 resumed after step \d+ \(hang: rank 1 on \S+ stopped in step 6 "
+                     r"\(step\)\): lost [\d.]+ s = detection [\d.]+ s \+ down", log, re.M), log[-3000:]
     got = losses(log)  # steps 1..5 of the first attempt, then the restart from the last commit
     by_step: dict[int, float] = {}
     for line in log.splitlines():

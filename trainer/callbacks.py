@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional, Protocol
 from cluster.heartbeat import HeartbeatWriter
 from configs.schema import RootConfig
 from trainer.distributed import Layout
+from trainer.progress import Notice, RunProgress
 
 
 @dataclass
@@ -30,11 +31,15 @@ class TrainState:
     step: int = 0  # last completed optimizer step; data position is derived from it
     extra: dict[str, Any] = field(default_factory=dict)
     heartbeat: Optional[HeartbeatWriter] = None  # what the hang watchdog reads (cluster.heartbeat)
+    on_phase: Optional[Callable[[str], None]] = None  # the goodput ledger books time per phase (trainer.tracker)
 
     def beat(self, phase: str, step: Optional[int] = None) -> None:
-        """Tell the watchdog where this rank is (``checkpoint``, ``validation``, ``step_end``...)."""
+        """Tell the watchdog (and the goodput ledger) where this rank is (``checkpoint``, ``validation``,
+        ``step_end``...)."""
         if self.heartbeat is not None:
             self.heartbeat.beat(self.step if step is None else step, phase)
+        if self.on_phase is not None:
+            self.on_phase(phase)
 
     @property
     def consumed_samples(self) -> int:
@@ -56,6 +61,8 @@ class StepReport:
     mfu_percent: Optional[float]
     compute_s: float  # this rank's forward compute time (no collectives): the straggler signal
     data_wait_s: float  # time spent waiting for the next micro-batch
+    run: Optional[RunProgress] = None  # rank 0: progress, ETA, goodput ledger, plan ratios (trainer.tracker)
+    notices: tuple[Notice, ...] = ()  # rank 0: milestones, restarts, plan drift reached at this step
 
 
 class TrainingCallback(Protocol):

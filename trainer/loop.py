@@ -30,6 +30,7 @@ from trainer.optim import build_lr_schedule, build_optimizer
 from trainer.step import forward_step as _forward_step
 from trainer.step import global_mean_loss
 from trainer.timing import StepTimer
+from trainer.tracker import RunTracker
 
 
 @dataclass(frozen=True)
@@ -44,10 +45,13 @@ def train(cfg: RootConfig, make_callbacks: CallbackFactory = no_callbacks) -> Tr
     ``make_callbacks(cfg, layout)`` builds the plugins (checkpointing first: it may resume)."""
     t, m, par = cfg.training, cfg.model, cfg.parallelism
     layout = init_distributed(par, t.seed)
-    heartbeat = HeartbeatWriter(os.environ.get("HYPERLAUNCH_RUN_DIR"), layout.rank, layout.local_rank)
-    heartbeat.beat(0, "startup")
+    run_dir = os.environ.get("HYPERLAUNCH_RUN_DIR")
     device = torch.device("cpu") if layout.gloo else torch.device("cuda", layout.local_rank)
     total_steps = train_steps(cfg)
+    tracker = RunTracker(cfg, layout.rank, layout.world_size, total_steps, run_dir,  # reads the last attempt's beats
+                         gather=_gather(device) if layout.world_size > 1 else None, cuda=not layout.gloo)
+    heartbeat = HeartbeatWriter(run_dir, layout.rank, layout.local_rank)
+    heartbeat.beat(0, "startup")
 
     kernels = runtime_kernels(cfg.cluster.gpu_type, layout.gloo, cfg.cluster.transformer_engine)
     config = transformer_config(m, par, t.precision, gloo=layout.gloo, kernels=kernels)
@@ -81,12 +85,16 @@ def train(cfg: RootConfig, make_callbacks: CallbackFactory = no_callbacks) -> Tr
     timer = StepTimer(cuda=not layout.gloo)
     forward_step = partial(_forward_step, device=device, timer=timer, packed_thd=packed_thd)
     state = TrainState(cfg=cfg, layout=layout, model=model, optimizer=optimizer, lr_schedule=lr_schedule,
-                       total_steps=total_steps, heartbeat=heartbeat)
+                       total_steps=total_steps, heartbeat=heartbeat, on_phase=tracker.phase)
+    state.extra["source"] = source
+    state.extra["validation"] = validation
+    state.extra["tracker"] = tracker
     callbacks = make_callbacks(cfg, layout)
     state.beat("resume")
     for callback in callbacks:
         callback.on_train_start(state)  # a checkpoint callback may resume: state.step > 0
     state.beat("step_end")
+    tracker.started(state.step)
 
     if layout.rank == 0:
         vpp = par.vpp if par.vpp and par.vpp > 1 else 1
@@ -98,18 +106,21 @@ def train(cfg: RootConfig, make_callbacks: CallbackFactory = no_callbacks) -> Tr
               f"wgrad_fusion={kernels.gradient_accumulation_fusion} ce_fusion={kernels.cross_entropy_fusion})", flush=True)
 
     losses: list[float] = []
-    state.extra["source"] = source
-    state.extra["validation"] = validation
     try:
         finished = _run_steps(state, callbacks, timer, forward_step, forward_backward, num_microbatches,
                               flops_per_step, peak_tflops, losses)
     except BaseException as exc:
+        tracker.finish()
         for callback in callbacks:
             callback.on_train_end(state, finished=False, error=exc)
         raise
     for callback in callbacks:
         callback.on_train_end(state, finished=finished)
     state.beat("finished")
+    tracker.finish()
+    summary = tracker.summary_line()
+    if summary:
+        print(summary, flush=True)
     if par.overlap_param_gather and par.distributed_optimizer:
         for chunk in model:  # the last update is otherwise gathered by the next forward only
             chunk.start_param_sync(force_sync=True)
@@ -121,6 +132,18 @@ def train(cfg: RootConfig, make_callbacks: CallbackFactory = no_callbacks) -> Tr
     for callback in callbacks:
         callback.after_shutdown(state, finished=finished)
     return TrainResult(steps=len(losses), losses=losses)
+
+
+def _gather(device: torch.device) -> Callable[[list[float]], list[list[float]]]:
+    """All-gather one row of floats per rank (the plan check's one exchange per window)."""
+
+    def gather(row: list[float]) -> list[list[float]]:
+        mine = torch.tensor(row, dtype=torch.float64, device=device)
+        rows = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(rows, mine)
+        return torch.stack(rows).cpu().tolist()
+
+    return gather
 
 
 def _report_peak_memory(layout: Layout, device: torch.device) -> None:
@@ -147,6 +170,7 @@ def _run_steps(state: TrainState, callbacks: list, timer: StepTimer, forward_ste
     """Train from state.step + 1; True when all steps ran, False when a stop was requested."""
     cfg, layout, model, optimizer, lr_schedule = state.cfg, state.layout, state.model, state.optimizer, state.lr_schedule
     t, total_steps = cfg.training, state.total_steps
+    tracker: RunTracker = state.extra["tracker"]
     device = torch.device("cpu") if layout.gloo else torch.device("cuda", layout.local_rank)
     source = state.extra["source"]
     for step in range(state.step + 1, total_steps + 1):
@@ -179,16 +203,20 @@ def _run_steps(state: TrainState, callbacks: list, timer: StepTimer, forward_ste
         state.beat("step_end")
 
         achieved = flops.tflops_per_gpu(flops_per_step, elapsed, layout.world_size)
+        compute_s = timer.compute_s()
+        run, notices = tracker.step(step, elapsed, timer.data_wait_s, compute_s)
         report = StepReport(
             step=step, total_steps=total_steps, loss=loss, grad_norm=None if grad_norm is None else float(grad_norm),
             lr=lr, step_time_s=elapsed, tokens_per_s=t.global_batch_size * t.seq_length / elapsed,
             tflops_per_gpu=achieved, mfu_percent=flops.mfu_percent(achieved, peak_tflops),
-            compute_s=timer.compute_s(), data_wait_s=timer.data_wait_s)
+            compute_s=compute_s, data_wait_s=timer.data_wait_s, run=run, notices=notices)
         if layout.rank == 0 and (step % t.log_interval == 0 or step == total_steps):
             print(metrics.format_step_line(metrics.StepMetrics(
                 step=step, total_steps=total_steps, loss=loss, grad_norm=report.grad_norm, lr=lr,
                 step_time_s=elapsed, tokens_per_s=report.tokens_per_s, tflops_per_gpu=achieved,
-                mfu_percent=report.mfu_percent)), flush=True)
+                mfu_percent=report.mfu_percent, tokens_done=run.tokens_done if run else None,
+                tokens_total=run.tokens_total if run else None, eta_s=run.eta_s if run else None,
+                elapsed_s=run.elapsed_s if run else None)), flush=True)
         for callback in callbacks:
             callback.on_step_end(state, report)
         validation = state.extra.get("validation")

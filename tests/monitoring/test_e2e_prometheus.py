@@ -92,6 +92,7 @@ def healthy_run(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Itera
             "monitoring.straggler.clear_score=0.6", "monitoring.straggler.consecutive=2",
             "monitoring.straggler.throughput_drop=0.6", "monitoring.alerts.min_interval_s=0",
             "monitoring.alerts.max_per_hour=1000",  # every replication failure alerts (min_interval_s=0)
+            "cluster.price_per_node_hour=98.32",  # the goodput ledger's cost (p5.48xlarge on demand, us-east-1)
         ], env={
             **fake_nvml_env(spec),
             FAULT_ENV: "slow:rank=1,factor=16,from=65,to=105", "HYPERLAUNCH_PLUGINS": PLUGIN,
@@ -226,7 +227,8 @@ def test_wandb_offline_run_has_alerts_and_metrics(healthy_run: Launched) -> None
     alerts = [r["alert"] for r in records if r["type"] == "alert"]
     titles = [a["title"] for a in alerts]
     for expected in ("Job started", "Straggler detected: rank 1", "Straggler cleared: rank 1", "Throughput drop",
-                     "Throughput recovered", "Checkpoint replication failing", "Job finished"):
+                     "Throughput recovered", "Checkpoint replication failing", "Job finished",
+                     *(f"Milestone {m}%" for m in (10, 25, 50, 75, 90, 100)), "Plan drift"):
         assert expected in titles, titles
     detected = next(a for a in alerts if a["title"] == "Straggler detected: rank 1")
     assert re.search(r"rank 1 on \S+, GPU 1 \(cpu\): score 0\.\d\d", detected["text"]), detected
@@ -234,6 +236,9 @@ def test_wandb_offline_run_has_alerts_and_metrics(healthy_run: Launched) -> None
     losses = [h for h in history if "train/loss" in h]
     assert len(losses) == RUN_STEPS and [int(h["train/step"]) for h in losses] == list(range(1, RUN_STEPS + 1))
     assert any("straggler/min_score" in h for h in history) and any("train/mfu" in h for h in history)
+    progress = [h for h in history if "progress/fraction" in h]
+    assert progress and float(progress[-1]["progress/fraction"]) == 1.0 and int(progress[-1]["train/step"]) == RUN_STEPS
+    assert 0 < float(progress[-1]["goodput/ratio"]) < 1 and float(progress[-1]["plan/step_time_ratio"]) > 0
     exit_record = [r for r in records if r["type"] == "exit"]
     assert exit_record and exit_record[-1]["exit"].get("exit_code", 0) == 0
 
@@ -262,3 +267,29 @@ def test_checkpoint_series_come_from_the_real_saves(stack: Stack, healthy_run: L
 def _checkpoint_dir(run: Launched) -> Path:
     config = yaml.safe_load((run.run_dir / "config.yaml").read_text())
     return Path(config["checkpoint"]["dir"])
+
+
+def test_progress_and_goodput_series(stack: Stack, healthy_run: Launched) -> None:
+    """The run-level series of rank 0: progress reaches 1, the ledger's parts add up to the elapsed wall
+    time, the cost follows the price, the plan ratio is there."""
+    run = healthy_run.run_dir.name
+    window = (healthy_run.start, healthy_run.end + 5)
+
+    def last(metric: str) -> dict[str, float]:
+        series = stack.prometheus.query_range(f'{metric}{{run="{run}", job="hyperlaunch-ranks"}}', *window)
+        return {s["metric"].get("category", ""): float(s["values"][-1][1]) for s in series}
+
+    assert last("hyperlaunch_progress_ratio")[""] >= 0.9  # the last scrape may come a few steps before the end
+    assert last("hyperlaunch_progress_milestone_percent")[""] >= 90
+    parts = last("hyperlaunch_wall_seconds")
+    assert {"productive", "startup", "checkpoint", "straggler"} <= {k for k, v in parts.items() if v > 0}, parts
+    ledger = json.loads((healthy_run.run_dir / "goodput.json").read_text())
+    elapsed = ledger["last_update"] - ledger["first_start"]
+    assert abs(sum(ledger["seconds"].values()) - elapsed) < 0.5, (ledger["seconds"], elapsed)
+    assert parts["straggler"] > 1.0  # rank 1 ran 16x slower for 40 steps: the whole job waited for it
+    goodput = last("hyperlaunch_goodput_ratio")[""]
+    assert abs(goodput - parts["productive"] / sum(parts.values())) < 0.02
+    cost = last("hyperlaunch_cost_usd")[""]
+    scraped_total = sum(parts.values())
+    assert abs(cost - scraped_total / 3600 * 98.32) < 0.02 * cost  # one node (values of one scrape, +-1 step)
+    assert last("hyperlaunch_plan_step_time_ratio")[""] > 0
