@@ -9,9 +9,10 @@ training commits. A real S3 endpoint, moto's server, runs on loopback (stopped b
 
 Then, interleaved (ABBA) and each time to a fresh prefix:
 
-* ours:  ``Replicator(root, S3Config(...)).replicate(step)``: parts with their CRC-32 (S3 checks
-  it), the journal, a HEAD verification pass, ``manifest.json`` last, the index read and written;
-  all of that is inside the timed region, as it is what "replicated" means;
+* ours:  ``Replicator(root, S3Config(...)).replicate(step)``: parts with their CRC-32 and each
+  object with the manifest's CRC-32 as its FULL_OBJECT checksum (S3 checks both), the journal, a
+  HEAD verification pass, ``manifest.json`` last, the index read and written; all of that is
+  inside the timed region, as it is what "replicated" means;
 * plain: ``client.upload_file`` of every file of the step directory, one file after another, with
   ``TransferConfig(multipart_threshold=part, multipart_chunksize=part, max_concurrency=same)`` and a
   default boto3 client (boto3 >= 1.36 adds its own CRC-32 to every upload by default, so both

@@ -22,7 +22,11 @@ _READ_CHUNK = 8 << 20
 
 
 class ManifestError(Exception):
-    """A missing, unreadable or inconsistent manifest: the directory is not a checkpoint."""
+    """A missing or inconsistent manifest: the directory is not a checkpoint."""
+
+
+class ManifestUnreadable(ManifestError):
+    """The manifest exists but reading it failed (EIO, ESTALE, EACCES): nothing is known about the step."""
 
 
 @dataclass(frozen=True)
@@ -162,7 +166,7 @@ def read_manifest(step_dir: str | os.PathLike[str]) -> Manifest:
     except FileNotFoundError:
         raise ManifestError("no manifest.json (the save did not commit)") from None
     except OSError as exc:
-        raise ManifestError(f"cannot read manifest.json: {exc}") from None
+        raise ManifestUnreadable(f"cannot read manifest.json: {exc}") from None
     return Manifest.from_json(text)
 
 

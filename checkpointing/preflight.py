@@ -1,8 +1,11 @@
 """Start-up checks, before any model is built: a bad checkpoint setting fails in seconds, by name.
 
-Every rank checks that it can write the checkpoint directory (all nodes must share it); rank 0
-checks S3 (credentials found and accepted, bucket exists, prefix writable) and that the newest
-checkpoint it would resume from was saved by a model of the same architecture and batch size.
+Every rank checks that it can write the checkpoint directory (all nodes must share it; its parent
+must exist, so an unmounted filesystem is never mistaken for an empty one) and that the fault-
+injection hook, if one is set, loads; rank 0 checks S3 (credentials found and accepted, bucket
+exists, prefix writable) and that the newest checkpoint it would resume from was saved by a model
+of the same architecture and batch size. Storage that cannot be read raises StorageUnavailable
+(stop and retry later), never "no checkpoint".
 """
 
 from __future__ import annotations
@@ -15,9 +18,13 @@ from typing import Callable, Optional
 
 from configs.checkpoint_config import CheckpointConfig, S3Config
 from checkpointing.manifest import Manifest, ManifestError
-from checkpointing.store import CheckpointStore, step_name
+from checkpointing import hooks
+from checkpointing.store import RESUME_STOPPED, CheckpointStore, StorageUnavailable, step_name
 from configs.schema import RootConfig
 from configs.errors import ConfigError, Problem
+
+# StorageUnavailable: re-exported for the entry point, which maps it to its own exit status
+__all__ = ["RUN_DIR_ENV", "StorageUnavailable", "check_compatible", "check_writable", "checkpoint_root", "preflight"]
 
 RUN_DIR_ENV = "HYPERLAUNCH_RUN_DIR"
 _CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
@@ -33,7 +40,8 @@ def checkpoint_root(cfg: CheckpointConfig) -> str:
 
 
 def preflight(cfg: RootConfig, rank: int) -> None:
-    """Raise ConfigError naming every bad checkpoint setting this rank can see."""
+    """Raise ConfigError naming every bad checkpoint setting this rank can see; StorageUnavailable when
+    the checkpoint to resume cannot be looked for (the directory or S3 cannot be read)."""
     ck = cfg.checkpoint
     if not ck.enabled:
         return
@@ -41,18 +49,33 @@ def preflight(cfg: RootConfig, rank: int) -> None:
     problems: list[Problem] = []
     add = lambda f, v, fix: problems.append(Problem(f, v, fix))  # noqa: E731
     check_writable(root, add)
+    try:
+        hooks.check()
+    except hooks.HookError as exc:
+        add(hooks.ENV, os.environ.get(hooks.ENV), str(exc))
     if rank == 0 and not problems:
         if ck.replicated:
             check_s3(ck.s3, add)
         if ck.resume and not problems:
-            check_compatible(newest_manifest(root, ck.s3 if ck.replicated else None), cfg, add)
+            try:
+                found = newest_manifest(root, ck.s3 if ck.replicated else None)
+            except StorageUnavailable as exc:
+                raise StorageUnavailable(f"{exc}. {RESUME_STOPPED}") from None
+            check_compatible(found, cfg, add)
     if problems:
         raise ConfigError(problems)
 
 
 def check_writable(root: str, add: Callable[[str, object, str], None]) -> None:
+    """Only the last component is ever created: a missing parent is a filesystem not mounted here."""
     host = socket.gethostname()
     probe = os.path.join(root, f".probe-{host}-{os.getpid()}")
+    parent = os.path.dirname(os.path.abspath(root))
+    if not os.path.lexists(parent):
+        add("checkpoint.dir", root, f"its parent {parent} does not exist on {host}: is the shared filesystem "
+            "mounted there? Mount it, or create the parent directory; the checkpoint directory is never created "
+            "with its parents, so an unmounted filesystem is not mistaken for an empty one")
+        return
     try:
         os.makedirs(root, exist_ok=True)
         with open(probe, "w") as handle:
@@ -114,14 +137,18 @@ def newest_manifest(root: str, s3: Optional[S3Config]) -> Optional[tuple[str, Ma
         return valid.path, valid.manifest
     if s3 is None:
         return None
+    from checkpointing.fetch import unavailable
     from checkpointing.s3 import S3Location, make_client, read_index, read_manifest
 
     client, loc = make_client(s3), S3Location.of(s3)
-    for step in sorted(read_index(client, loc).steps, reverse=True):
-        try:
-            return loc.url(loc.step_key(step)), read_manifest(client, loc, step)
-        except ManifestError:
-            continue
+    try:
+        for step in sorted(read_index(client, loc).steps, reverse=True):
+            try:
+                return loc.url(loc.step_key(step)), read_manifest(client, loc, step)
+            except ManifestError:
+                continue
+    except Exception as exc:  # S3 answered the access check a moment ago: this is an outage, not "empty"
+        raise unavailable(s3, "read the checkpoint index", exc) from None
     return None
 
 

@@ -1,15 +1,18 @@
 """Replicate committed checkpoints to S3 in the background, losing nothing across restarts.
 
-For one step: every data object (single PUT up to one part, multipart above, each part with the
-CRC-32 S3 checks on arrival; ``max_concurrency`` parts in flight, so memory stays at
-``max_concurrency x part_size``), then a verification pass (HEAD: size, our CRC-32 in the object
-metadata, S3's own checksum where it returns one), then ``manifest.json`` — last, so a step
-is visible in S3 only when complete — then the index. The parts' CRCs must also add up to the
-CRC the writer recorded: what went up is what was committed.
+For one step: every data object, each carrying the manifest's CRC-32 as S3's full-object
+checksum (``ChecksumType=FULL_OBJECT``), so S3 itself refuses an object whose bytes are not the
+committed file's: a single PUT up to one part; multipart above, every part with its own CRC-32
+(checked on arrival), ``max_concurrency`` parts in flight (memory ``max_concurrency x
+part_size``), completed with the whole file's CRC and size (``BadDigest``/``InvalidRequest``:
+the upload is aborted and the step retried). Then a verification pass (HEAD: size and S3's
+FULL_OBJECT CRC-32 equal to the manifest's, for every object), then ``manifest.json`` — last, so
+a step is visible in S3 only when complete — then the index.
 
-A journal (``<dir>/replication/journal.jsonl``, append-only) records multipart uploads as they
-start and objects as they verify, so a restarted replicator resumes half-uploaded files (ListParts)
-instead of starting over, and aborts multipart uploads it started and no longer needs. Errors
+The journal (checkpointing.journal) records multipart uploads as they start and objects as they
+verify, so a restarted replicator resumes half-uploaded files (ListParts) instead of starting
+over, and aborts multipart uploads it started and no longer needs (and uploads journaled before
+full-object checksums, which S3 would refuse to complete as FULL_OBJECT). Errors
 never reach training: botocore retries each request (back-off on 5xx, SlowDown, connection
 errors); a step that still fails is logged, counted in ``status.json`` and retried with a
 growing pause.
@@ -21,7 +24,6 @@ process: no GIL shared with the training loop); usable by hand: ``once``, ``fetc
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import threading
@@ -34,15 +36,19 @@ from typing import Any, Callable, Optional
 
 from checkpointing import hooks
 from configs.checkpoint_config import S3Config
+from checkpointing.fetch import DownloadMismatch, fetch_step
+from checkpointing.journal import JOURNAL_NAME, Journal
 from checkpointing.manifest import (MANIFEST_NAME, FileEntry, Manifest, ManifestError, crc32_combine, crc_hex,
-                                    file_entry, read_manifest)
-from checkpointing.s3 import (S3Location, StepIndex, b64_crc32, describe, index_entry, is_missing, make_client,
-                              read_index, write_index)
+                                    read_manifest)
+from checkpointing.s3 import (S3Location, StepIndex, b64_crc32, describe, error_code, index_entry, is_missing,
+                              make_client, read_index, write_index)
 from checkpointing.status import (REPLICATION_DIR, ReplicationStatus, read_replication_status,
                                   replication_status_path, write_json_atomic)
-from checkpointing.store import CheckpointStore, parse_step_name, step_name
+from checkpointing.store import CheckpointStore, StorageUnavailable, parse_step_name, step_name
 
-JOURNAL_NAME = "journal.jsonl"
+FULL_OBJECT = "FULL_OBJECT"
+# CompleteMultipartUpload refusals meaning "what S3 assembled is not the committed file"
+_REFUSED = ("BadDigest", "InvalidRequest", "InvalidPart")
 
 
 class Stopped(Exception):
@@ -51,92 +57,6 @@ class Stopped(Exception):
 
 class ReplicationError(Exception):
     pass
-
-
-# --------------------------------------------------------------------------- journal
-
-
-class Journal:
-    """Append-only JSON lines; the replay gives open multipart uploads and verified objects."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.uploads: dict[tuple[int, str], dict[str, Any]] = {}  # (step, name) -> {"upload_id", "part_size"}
-        self.verified: dict[tuple[int, str], str] = {}  # (step, name) -> crc32 of the verified object
-        self.location: Optional[str] = None  # the S3 location these entries are about
-        self._lock = threading.Lock()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        lines = 0
-        if path.exists():
-            raw = path.read_bytes()
-            if raw and not raw.endswith(b"\n"):  # a torn last line (killed mid-append): drop it
-                raw = raw[: raw.rfind(b"\n") + 1]
-                with open(path, "r+b") as handle:
-                    handle.truncate(len(raw))
-            for line in raw.decode(errors="replace").splitlines():
-                lines += 1
-                try:
-                    self._apply(json.loads(line))
-                except (ValueError, KeyError, TypeError):
-                    continue  # a torn last line after a crash
-        if lines > 4 * (len(self.uploads) + len(self.verified)) + 1000:
-            self._compact()
-
-    def _apply(self, event: dict[str, Any]) -> None:
-        key = (int(event.get("step", -1)), str(event.get("name", "")))
-        kind = event["ev"]
-        if kind == "location":
-            self.location = str(event["url"])
-        elif kind == "mpu":
-            self.uploads[key] = {"upload_id": event["upload_id"], "part_size": int(event["part_size"])}
-        elif kind in ("mpu_done", "mpu_abort"):
-            self.uploads.pop(key, None)
-        elif kind == "verified":
-            self.verified[key] = event["crc32"]
-        elif kind == "unverified":
-            self.verified.pop(key, None)
-        elif kind == "forget":  # the step is gone from S3 (retention) or was abandoned
-            step = key[0]
-            self.verified = {k: v for k, v in self.verified.items() if k[0] != step}
-            self.uploads = {k: v for k, v in self.uploads.items() if k[0] != step}
-
-    def record(self, ev: str, **fields: Any) -> None:
-        event = {"ev": ev, **fields}
-        with self._lock:
-            self._apply(event)
-            with open(self.path, "a") as handle:
-                handle.write(json.dumps(event) + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-
-    def start_for(self, url: str) -> Optional[str]:
-        """Bind the journal to one S3 location; entries about another one are dropped (returns it)."""
-        previous = self.location
-        if previous == url:
-            return None
-        if previous is None:  # a new journal, or one from before locations were recorded: adopt it
-            self.record("location", url=url)
-            return None
-        with self._lock:
-            self.uploads.clear()
-            self.verified.clear()
-            self.location = None
-            self._compact()
-        self.record("location", url=url)
-        return previous
-
-    def _compact(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w") as handle:
-            if self.location is not None:
-                handle.write(json.dumps({"ev": "location", "url": self.location}) + "\n")
-            for (step, name), upload in self.uploads.items():
-                handle.write(json.dumps({"ev": "mpu", "step": step, "name": name, **upload}) + "\n")
-            for (step, name), crc in self.verified.items():
-                handle.write(json.dumps({"ev": "verified", "step": step, "name": name, "crc32": crc}) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.path)
 
 
 # --------------------------------------------------------------------------- replicator
@@ -222,13 +142,14 @@ class Replicator:
             still = self._verify(step, manifest, bad)
             if still:
                 raise ReplicationError(f"{step_name(step)}: objects still fail verification: {', '.join(still)}")
-        hooks.pause("upload_manifest", step)
+        hooks.at("upload_manifest", step)
         self._check_stop()
         manifest_path = Path(path, MANIFEST_NAME)
         body = manifest_path.read_bytes()
         self.client.put_object(Bucket=self.loc.bucket, Key=self.loc.step_key(step, MANIFEST_NAME), Body=body,
-                               ChecksumCRC32=b64_crc32(zlib.crc32(body)), ContentType="application/json")
-        hooks.pause("index", step)
+                               ChecksumAlgorithm="CRC32", ChecksumCRC32=b64_crc32(zlib.crc32(body)),
+                               ContentType="application/json")
+        hooks.at("index", step)
         index = self.index(refresh=True)
         index.steps[step] = index_entry(manifest)
         write_index(self.client, self.loc, index)
@@ -282,11 +203,12 @@ class Replicator:
                 data = handle.read()
             if len(data) != entry.size or crc_hex(zlib.crc32(data)) != entry.crc32:
                 raise ReplicationError(f"{local} no longer matches its manifest (local corruption)")
+            # a single PUT's checksum is a full-object one; S3 refuses the PUT (BadDigest) on a mismatch
             self.client.put_object(Bucket=self.loc.bucket, Key=key, Body=data, Metadata=meta,
-                                   ChecksumCRC32=b64_crc32(zlib.crc32(data)))
+                                   ChecksumAlgorithm="CRC32", ChecksumCRC32=b64_crc32(zlib.crc32(data)))
             self._progress(len(data))
             self.journal.record("verified", step=step, name=name, crc32=entry.crc32)
-            hooks.pause("upload_data", step)  # tests: killed with some objects uploaded
+            hooks.at("upload_data", step)  # tests: killed with some objects uploaded
             return
         parts = [_Part(i + 1, off, min(self.part_size, entry.size - off))
                  for i, off in enumerate(range(0, entry.size, self.part_size))]
@@ -313,10 +235,19 @@ class Replicator:
             self._abort(step, name, key, upload_id)
             raise ReplicationError(f"{local}: the parts read add up to crc32 {crc_hex(crc)}, the manifest says "
                                    f"{entry.crc32} (the file changed after the commit)")
-        self.client.complete_multipart_upload(
-            Bucket=self.loc.bucket, Key=key, UploadId=upload_id,
-            MultipartUpload={"Parts": [{"PartNumber": p.number, "ETag": results[p.number][0],
-                                        "ChecksumCRC32": b64_crc32(results[p.number][1])} for p in parts]})
+        try:  # S3 combines the parts' CRCs and refuses the object unless it is the manifest's CRC and size
+            self.client.complete_multipart_upload(
+                Bucket=self.loc.bucket, Key=key, UploadId=upload_id, ChecksumType=FULL_OBJECT,
+                ChecksumCRC32=b64_crc32(int(entry.crc32, 16)), MpuObjectSize=entry.size,
+                MultipartUpload={"Parts": [{"PartNumber": p.number, "ETag": results[p.number][0],
+                                            "ChecksumCRC32": b64_crc32(results[p.number][1])} for p in parts]})
+        except Exception as exc:
+            if error_code(exc) not in _REFUSED:
+                raise  # e.g. the endpoint is gone: the journaled upload is resumed next time
+            self._abort(step, name, key, upload_id)
+            raise ReplicationError(f"{key}: S3 refused to complete the upload ({describe(exc)}): the parts it "
+                                   f"holds are not the committed file (crc32 {entry.crc32}); aborted, the step "
+                                   "is uploaded again") from None
         self.journal.record("mpu_done", step=step, name=name)
         self.journal.record("verified", step=step, name=name, crc32=entry.crc32)
 
@@ -324,7 +255,7 @@ class Replicator:
                      parts: list[_Part]) -> tuple[str, dict[int, tuple[str, int]]]:
         """A journaled upload to resume (with the parts S3 already has) or a new one."""
         known = self.journal.uploads.get((step, name))
-        if known and known["part_size"] == self.part_size:
+        if known and known["part_size"] == self.part_size and known.get("checksum_type") == FULL_OBJECT:
             try:
                 have = self._listed_parts(local_path(self.store, step, name), key, known["upload_id"], parts)
                 if have:
@@ -335,11 +266,14 @@ class Replicator:
                     raise
                 self.say(f"replicate: {key}: journaled multipart upload is gone ({describe(exc)}); starting over")
                 self.journal.record("mpu_abort", step=step, name=name)
-        elif known:
+        elif known:  # another part size, or a COMPOSITE upload (S3 refuses to complete it as FULL_OBJECT)
+            self.say(f"replicate: {key}: aborting the journaled upload (part size {known['part_size']}, checksum "
+                     f"{known.get('checksum_type') or 'COMPOSITE'}); starting a {FULL_OBJECT} one")
             self._abort(step, name, key, known["upload_id"])
         upload = self.client.create_multipart_upload(Bucket=self.loc.bucket, Key=key, Metadata=meta,
-                                                     ChecksumAlgorithm="CRC32")
-        self.journal.record("mpu", step=step, name=name, upload_id=upload["UploadId"], part_size=self.part_size)
+                                                     ChecksumAlgorithm="CRC32", ChecksumType=FULL_OBJECT)
+        self.journal.record("mpu", step=step, name=name, upload_id=upload["UploadId"], part_size=self.part_size,
+                            checksum_type=FULL_OBJECT)
         return upload["UploadId"], {}
 
     def _listed_parts(self, local: str, key: str, upload_id: str, parts: list[_Part]) -> dict[int, tuple[str, int]]:
@@ -371,7 +305,7 @@ class Replicator:
                                            PartNumber=part.number, Body=data, ChecksumCRC32=b64_crc32(crc))
         self._progress(part.size)
         if part.number == 2:
-            hooks.pause("upload_data", step)  # tests: killed with some parts uploaded
+            hooks.at("upload_data", step)  # tests: killed with some parts uploaded
         return response["ETag"], crc
 
     def _abort(self, step: int, name: str, key: str, upload_id: str) -> None:
@@ -390,7 +324,8 @@ class Replicator:
 
     # ------------------------------------------------------------------ verification
     def _verify(self, step: int, manifest: Manifest, names: list[str]) -> list[str]:
-        """Names whose S3 object is missing or differs from the manifest."""
+        """Names whose S3 object is missing or differs from the manifest, by what S3 computed: the
+        size and the full-object CRC-32 of the bytes it stores (not metadata we wrote ourselves)."""
         bad = []
         for name in names:
             entry = manifest.files[name]
@@ -402,12 +337,14 @@ class Replicator:
                     bad.append(name)
                     continue
                 raise
-            if head["ContentLength"] != entry.size or head.get("Metadata", {}).get("crc32") != entry.crc32:
+            # a COMPOSITE object's CRC is a checksum of checksums; a single PUT's may come without a type
+            full_object = head.get("ChecksumType") in (FULL_OBJECT, None)
+            if (head["ContentLength"] != entry.size or not full_object
+                    or head.get("ChecksumCRC32") != b64_crc32(int(entry.crc32, 16))):
+                self.say(f"replicate: {self.loc.url(self.loc.step_key(step, name))}: S3 has {head['ContentLength']} "
+                         f"bytes, CRC-32 {head.get('ChecksumCRC32')} ({head.get('ChecksumType')}); the manifest says "
+                         f"{entry.size} bytes, {b64_crc32(int(entry.crc32, 16))} (crc32 {entry.crc32})")
                 bad.append(name)
-                continue
-            s3_crc = head.get("ChecksumCRC32")
-            if s3_crc and entry.size <= self.part_size and s3_crc != b64_crc32(int(entry.crc32, 16)):
-                bad.append(name)  # single PUT: S3's full-object CRC must be ours (multipart: per part)
         return bad
 
     # ------------------------------------------------------------------ retention
@@ -548,41 +485,6 @@ def local_path(store: CheckpointStore, step: int, name: str) -> str:
     return os.path.join(store.path(step), name)
 
 
-# --------------------------------------------------------------------------- fetch (resume from S3)
-
-
-def fetch_step(root: str, cfg: S3Config, step: int, *, client: Any = None, say: Callable[[str], None] = print) -> str:
-    """Download one replicated step into ``<root>/step_N`` (verified, then committed locally)."""
-    client = client or make_client(cfg)
-    loc = S3Location.of(cfg)
-    from checkpointing.s3 import read_manifest as read_s3_manifest
-
-    manifest = read_s3_manifest(client, loc, step)
-    store = CheckpointStore(root)
-    tmp = store.prepare(step)
-    t0 = time.perf_counter()
-    say(f"checkpoint: fetching {loc.url(loc.step_key(step))} ({len(manifest.files)} files, "
-        f"{manifest.total_bytes / 2**20:.1f} MiB) into {store.path(step)}")
-    from boto3.s3.transfer import TransferConfig
-
-    transfer = TransferConfig(multipart_chunksize=cfg.part_size_mb << 20, max_concurrency=cfg.max_concurrency)
-
-    def download(name: str) -> Optional[str]:
-        dest = os.path.join(tmp, name)
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        client.download_file(loc.bucket, loc.step_key(step, name), dest, Config=transfer)
-        got = file_entry(dest)
-        return None if got == manifest.files[name] else f"{name}: got {got}, manifest says {manifest.files[name]}"
-
-    with ThreadPoolExecutor(max_workers=min(4, max(1, len(manifest.files)))) as pool:
-        problems = [p for p in pool.map(download, sorted(manifest.files)) if p]
-    if problems:
-        raise ReplicationError(f"{loc.url(loc.step_key(step))} does not match its manifest: {'; '.join(problems[:3])}")
-    store.commit(step, manifest)
-    say(f"checkpoint: fetched {step_name(step)} from S3 in {time.perf_counter() - t0:.1f} s")
-    return store.path(step)
-
-
 # --------------------------------------------------------------------------- CLI
 
 
@@ -621,8 +523,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     cfg = _config(args)
     try:
+        hooks.check()
+    except hooks.HookError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
         return _run(args, cfg)
-    except (ReplicationError, ManifestError, OSError) as exc:
+    except (ReplicationError, ManifestError, DownloadMismatch, StorageUnavailable, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:  # botocore: credentials, endpoint, bucket — one line, no traceback
@@ -633,8 +540,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _run(args: argparse.Namespace, cfg: S3Config) -> int:
-    def say(line: str) -> None:
-        print(line, flush=True)
+    def say(line: str) -> None:  # one write per line: rank 0 writes to the same file at the same time
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
 
     if args.command == "fetch":
         step = args.step if args.step is not None else read_index(make_client(cfg), S3Location.of(cfg)).latest

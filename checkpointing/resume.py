@@ -4,8 +4,11 @@ Rank 0 walks the committed steps newest first (size check against the manifest);
 then verifies the CRC-32 of its share of the files (file ``i`` on rank ``i mod world``) and the
 ranks agree over the checkpoint group. A step that fails is skipped with a log line and the
 next older one is tried. With no usable step on the shared filesystem, rank 0 downloads the
-newest replicated step from S3 first. Loading goes through megatron's dist_checkpointing, so
-a different TP/PP/DP layout reshards on the way in.
+newest replicated step from S3 first. Storage that cannot be read (the directory cannot be
+listed, S3 does not answer after retries) is not "no checkpoint": every rank raises
+StorageUnavailable and the run stops, so it never restarts from step 0 while a checkpoint may
+exist. Loading goes through megatron's dist_checkpointing, so a different TP/PP/DP layout
+reshards on the way in.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from checkpointing.manifest import ManifestError, check_files
 from checkpointing.preflight import check_compatible
 from checkpointing.signature import describe, layout_signature
 from checkpointing.state import init_optimizer_state, restore, sharded_state_dict
-from checkpointing.store import CheckpointStore, ValidStep, step_name
+from checkpointing.store import RESUME_STOPPED, CheckpointStore, StorageUnavailable, ValidStep, step_name
 from configs.errors import ConfigError, Problem
 from trainer.callbacks import TrainState
 
@@ -32,14 +35,17 @@ def choose_step(store: CheckpointStore, cfg: CheckpointConfig, state: TrainState
     """Collective: the step to resume from (the same on every rank), or None to start fresh."""
     rank, world = dist.get_rank(), dist.get_world_size()
     below: Optional[int] = None
-    fetched_from_s3 = False
+    fetched_from_s3 = tried_s3 = False
     while True:
-        choice: list[Any] = [None, None]  # (ValidStep | None, error text | None)
+        choice: list[Any] = [None, None]  # (ValidStep | None, error: problems | ("unavailable", text) | text | None)
         if rank == 0:
             try:
                 valid = store.newest_valid(checksums=False, below=below, say=say)
-                if valid is None and below is None and cfg.replicated:
-                    valid = _fetch_newest(store, cfg, say)
+                if valid is None and cfg.replicated and not tried_s3:  # also when local steps failed their CRCs
+                    from checkpointing.fetch import fetch_newest
+
+                    tried_s3 = True
+                    valid = fetch_newest(store, cfg.s3, say)
                     fetched_from_s3 = valid is not None
                 if valid is not None:
                     problems: list[Problem] = []
@@ -50,12 +56,16 @@ def choose_step(store: CheckpointStore, cfg: CheckpointConfig, state: TrainState
                 choice = [valid, None]
             except ConfigError as exc:
                 choice = [None, exc.problems]
+            except StorageUnavailable as exc:
+                choice = [None, ("unavailable", f"{exc}. {RESUME_STOPPED}")]
             except Exception as exc:
                 choice = [None, f"cannot look for a checkpoint to resume in {store.root}: {exc!r}"]
         dist.broadcast_object_list(choice, src=0, group=group)
         valid, error = choice
         if isinstance(error, list):
             raise ConfigError(error)
+        if isinstance(error, tuple):
+            raise StorageUnavailable(error[1])
         if error:
             raise RuntimeError(error)
         if valid is None:
@@ -76,25 +86,6 @@ def choose_step(store: CheckpointStore, cfg: CheckpointConfig, state: TrainState
             more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
             say(f"checkpoint: skipping {valid.path}: {'; '.join(str(p) for p in problems[:3])}{more}")
         below = valid.step
-
-
-def _fetch_newest(store: CheckpointStore, cfg: CheckpointConfig, say: Callable[[str], None]) -> Optional[ValidStep]:
-    from checkpointing.replicate import fetch_step
-    from checkpointing.s3 import S3Location, make_client, read_index
-
-    client = make_client(cfg.s3)
-    loc = S3Location.of(cfg.s3)
-    steps = sorted(read_index(client, loc).steps, reverse=True)
-    if not steps:
-        say(f"checkpoint: no checkpoint in {store.root} or {loc.url()}: starting from scratch")
-        return None
-    for step in steps:
-        try:
-            fetch_step(store.root, cfg.s3, step, client=client, say=say)
-            return store.validate(step, checksums=False)
-        except Exception as exc:  # a damaged or half-deleted step in S3: try the previous one
-            say(f"checkpoint: cannot use {loc.url(loc.step_key(step))}: {exc}")
-    return None
 
 
 def load(state: TrainState, valid: ValidStep, say: Callable[[str], None]) -> None:

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 from checkpointing import hooks
-from checkpointing.manifest import Manifest, ManifestError, check_files, fsync_dir, read_manifest, write_manifest
+from checkpointing.manifest import (Manifest, ManifestError, ManifestUnreadable, check_files, fsync_dir, read_manifest,
+                                    write_manifest)
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,15 @@ TMP_SUFFIX = ".tmp"
 TRASH_SUFFIX = ".deleting"
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 _ANY_STEP = re.compile(r"^step_(\d{8,})(\..+)?$")
+
+
+class StorageUnavailable(RuntimeError):
+    """Checkpoint storage (the shared filesystem or S3) could not be READ, which is not the same as
+    holding no checkpoint: resuming must stop rather than start from scratch."""
+
+
+RESUME_STOPPED = ("A checkpoint may be there, so the run stops here instead of training from step 0: run it again "
+                  "(requeue) once the storage answers, or set checkpoint.resume=false to start over on purpose")
 
 
 def step_name(step: int) -> str:
@@ -75,14 +85,14 @@ class CheckpointStore:
     def commit(self, step: int, manifest: Manifest) -> str:
         """Manifest, fsync, atomic rename, ``latest``. Raises on any failure (nothing half-done is visible)."""
         tmp, final = self.tmp_path(step), self.path(step)
-        hooks.pause("manifest", step)
+        hooks.at("manifest", step)
         write_manifest(tmp, manifest)
-        hooks.pause("rename", step)
+        hooks.at("rename", step)
         if os.path.lexists(final):  # the same step saved again (e.g. resumed at a saved step): replace it
             self._trash(final)
         os.rename(tmp, final)
         fsync_dir(self.root)
-        hooks.pause("latest", step)
+        hooks.at("latest", step)
         self.write_latest(step)
         return final
 
@@ -103,11 +113,15 @@ class CheckpointStore:
 
     # ------------------------------------------------------------------ reading
     def committed_steps(self) -> list[int]:
-        """Steps with a renamed (non-temporary) directory, newest first; manifests not checked."""
+        """Steps with a renamed (non-temporary) directory, newest first; manifests not checked.
+        A missing directory holds none; one that cannot be listed (EIO, ESTALE, EACCES: a sick or
+        unmounted filesystem) raises StorageUnavailable."""
         try:
             names = os.listdir(self.root)
         except FileNotFoundError:
             return []
+        except OSError as exc:
+            raise StorageUnavailable(f"cannot list the checkpoint directory {self.root}: {exc}") from None
         steps = [s for s in (parse_step_name(n) for n in names) if s is not None]
         return sorted(steps, reverse=True)
 
@@ -133,12 +147,16 @@ class CheckpointStore:
 
     def newest_valid(self, *, checksums: bool = False, below: Optional[int] = None,
                      say: Callable[[str], None] = print) -> Optional[ValidStep]:
-        """The newest step whose manifest and files check out; others are skipped with a line."""
+        """The newest step whose manifest and files check out; others are skipped with a line.
+        A manifest that cannot be read (an I/O error, not a missing or bad file) raises
+        StorageUnavailable: that step may well be good."""
         for step in self.committed_steps():
             if below is not None and step >= below:
                 continue
             try:
                 return self.validate(step, checksums=checksums)
+            except ManifestUnreadable as exc:
+                raise StorageUnavailable(f"cannot read {self.path(step)}: {exc}") from None
             except ManifestError as exc:
                 say(f"checkpoint: skipping {self.path(step)}: {exc}")
         return None
@@ -152,7 +170,11 @@ class CheckpointStore:
         there is always a durable copy to fall back on. ``replicated=None``: no replication.
         Returns the deleted steps.
         """
-        steps = [s for s in self.committed_steps() if self._is_valid(s)]
+        try:
+            steps = [s for s in self.committed_steps() if self._is_valid(s)]
+        except StorageUnavailable as exc:  # a filesystem that cannot be read is never pruned
+            say(f"checkpoint: retention skipped: {exc}")
+            return []
         if len(steps) <= keep_last:
             return []
         if replicated is None:
@@ -176,6 +198,8 @@ class CheckpointStore:
         try:
             self.validate(step, checksums=False)
             return True
+        except ManifestUnreadable as exc:
+            raise StorageUnavailable(f"cannot read {self.path(step)}: {exc}") from None
         except ManifestError:
             return False
 

@@ -267,7 +267,7 @@ class CheckpointWriter:
                 for index, (item, tensor) in enumerate(tensor_data):
                     results.append(write_item(*args, stream, tensor, item, name, **_WRITE_KWARGS))
                     if index == 0:
-                        hooks.pause("write_data", step)  # tests: killed with this file half-written
+                        hooks.at("write_data", step)  # tests: killed with this file half-written
                 raw.flush()
                 os.fsync(raw.fileno())
             return results, name, stream.entry()

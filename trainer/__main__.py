@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # megatron must not be imported before cpu_compat.activate()
 
 
 PLUGINS_ENV = "HYPERLAUNCH_PLUGINS"  # extra callbacks: "package.module:factory[,...]", factory(cfg, layout)
+EXIT_STORAGE_UNAVAILABLE = 75  # EX_TEMPFAIL: the checkpoint storage could not be read; run again later
 
 
 def plugins(cfg: RootConfig, layout: Layout) -> list[TrainingCallback]:
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from checkpointing.export_final import ExportFailed
-    from checkpointing.preflight import RUN_DIR_ENV, preflight
+    from checkpointing.preflight import RUN_DIR_ENV, StorageUnavailable, preflight
     from trainer.loop import train
 
     # the launcher writes config.yaml into the run directory (the default checkpoint location)
@@ -86,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except StorageUnavailable as exc:  # checkpoints may exist but cannot be read: stop, never start over
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_STORAGE_UNAVAILABLE
     except ExportFailed as exc:  # training finished and its checkpoint is committed; the export is not
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -86,8 +86,11 @@ def dump_and_kill(proc: subprocess.Popen[str]) -> None:
 def start(run_dir: Path, nproc: Optional[int], overrides: list[str], env: Optional[dict[str, str]] = None) -> Run:
     """``python -m trainer`` (nproc None) or torchrun with ``nproc`` ranks, output to run_dir/out.log."""
     config = write_config(run_dir, [f"cluster.gpus_per_node={nproc or 1}", *overrides])
-    full_env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1",
-                    PYTHONUNBUFFERED="1", **(env or {}))
+    # not PYTHONUNBUFFERED: it makes every print two writes (the text, then the newline), so the lines of
+    # rank 0 and of the replicator process, which share the log, interleave mid-line; the trainer flushes
+    # each line it prints, as one write
+    full_env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    full_env.update({"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **(env or {})})
     launcher = [] if nproc is None else ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     log = run_dir / "out.log"
     handle = open(log, "w")
@@ -98,11 +101,25 @@ def start(run_dir: Path, nproc: Optional[int], overrides: list[str], env: Option
 
 def run(run_dir: Path, nproc: Optional[int], overrides: list[str], env: Optional[dict[str, str]] = None,
         timeout: float = 180, expect_rc: int = 0) -> str:
+    """The job's output; ``expect_rc=-1``: any non-zero exit."""
     job = start(run_dir, nproc, overrides, env)
     rc = job.wait(timeout)
     text = job.text()
-    assert rc == expect_rc, f"exit {rc} (expected {expect_rc}):\n{text[-6000:]}"
+    ok = rc != 0 if expect_rc == -1 else rc == expect_rc
+    assert ok, f"exit {rc} (expected {'non-zero' if expect_rc == -1 else expect_rc}):\n{text[-6000:]}"
     return text
+
+
+def wait_text(job: Run, text: str, timeout: float) -> None:
+    """Until the job's output contains ``text`` (while it is alive)."""
+    deadline = time.monotonic() + timeout
+    while text not in job.text():
+        if job.proc.poll() is not None:
+            raise AssertionError(f"trainer exited ({job.proc.returncode}) before {text!r}:\n{job.text()[-6000:]}")
+        if time.monotonic() > deadline:
+            dump_and_kill(job.proc)
+            raise AssertionError(f"{text!r} did not appear in {timeout} s:\n{job.text()[-6000:]}")
+        time.sleep(0.05)
 
 
 def losses(text: str) -> dict[int, float]:

@@ -1,5 +1,6 @@
 """Real S3 endpoints on loopback for the tests: moto's server (a subprocess, stopped by PID) and a
-small HTTP proxy in front of it that answers a seeded share of requests with 503 SlowDown."""
+small HTTP proxy in front of it that answers a seeded share of requests with 503 SlowDown, or goes
+away for good (the endpoint then refuses connections) at the first request a test names."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -76,15 +77,21 @@ _HOP = {"connection", "keep-alive", "transfer-encoding", "expect", "proxy-connec
 
 
 class FaultProxy:
-    """Forwards to ``upstream``; answers a seeded fraction of requests with 503 SlowDown instead."""
+    """Forwards to ``upstream``; answers a seeded fraction of requests with 503 SlowDown instead.
 
-    def __init__(self, upstream_port: int, fraction: float, seed: int = 0):
+    ``cut_when(method, path)``: at the first request it accepts, ``on_cut()`` runs (e.g. kill the
+    S3 server), that request gets no answer, and the proxy stops listening: from then on the
+    endpoint refuses connections, and connections already open are closed unanswered."""
+
+    def __init__(self, upstream_port: int, fraction: float = 0.0, seed: int = 0,
+                 cut_when: Optional[Callable[[str, str], bool]] = None, on_cut: Optional[Callable[[], None]] = None):
         self.upstream_port = upstream_port
         self.fraction = fraction
         self.random = random.Random(seed)
         self.lock = threading.Lock()
         self.injected = 0
         self.forwarded = 0
+        self.cut = threading.Event()
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -96,6 +103,10 @@ class FaultProxy:
             def _handle(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
+                if proxy.cut.is_set() or (cut_when is not None and cut_when(self.command, self.path)):
+                    proxy._cut(on_cut)
+                    self.close_connection = True
+                    return
                 with proxy.lock:
                     inject = proxy.random.random() < proxy.fraction
                     if inject:
@@ -137,10 +148,23 @@ class FaultProxy:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def _cut(self, on_cut: Optional[Callable[[], None]]) -> None:
+        with self.lock:
+            if self.cut.is_set():
+                return
+            self.cut.set()
+        if on_cut is not None:
+            on_cut()
+        threading.Thread(target=self._stop_listening, daemon=True).start()  # not from a handler thread
+
+    def _stop_listening(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
     def __enter__(self) -> "FaultProxy":
         self.thread.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        if not self.cut.is_set():
+            self._stop_listening()

@@ -1,14 +1,15 @@
-"""SIGKILL the whole job at >= 20 seeded moments inside saves; every resume must pick the last
+"""SIGKILL the whole job at seeded moments inside saves; every resume must pick the last
 committed step and reproduce the uninterrupted run's losses.
 
 One chain of runs on one checkpoint directory (and one S3 prefix): each run resumes from what
 the previous kill left and is itself killed, so every run both checks a resume and makes the next
-kill. Most kills land where a test hook holds the process inside a named phase (writing data, the
-manifest, the rename, the ``latest`` pointer, uploading data, before the S3 manifest, before the
-S3 index) — the kill provably happens inside that phase; a few land at a random delay after a
-save started, with no hook. The last runs use 2 ranks (torchrun), then a final run completes
-training and the replicator drains: S3 must then hold every indexed step, verified, with no
-multipart upload left open.
+kill. Most kills land where the tests' hook (ckpt_pause_hook) holds the process inside a named
+phase (writing data, the manifest, the rename, the ``latest`` pointer, uploading data, before the
+S3 manifest, before the S3 index); a kill counts as inside its phase only when the hook's marker
+shows the process never left it. A few land at a random delay after a save started, with no
+hook. The last runs use 2 ranks (torchrun), then a final run completes training and the
+replicator drains: every indexed step in S3, downloaded, must match its manifest (and the
+committed local files where they still exist), with no multipart upload left open.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from __future__ import annotations
 import faulthandler
 import json
 import random
+import signal
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -24,6 +27,7 @@ import pytest
 from checkpointing.s3 import S3Location, read_index, read_manifest
 from configs.checkpoint_config import S3Config
 from ckpt_harness import TINY, Run, committed_steps, losses, resumed_step, run, start, wait_for
+from ckpt_pause_hook import left, markers, pause_env
 from s3_services import MotoServer
 
 faulthandler.enable()
@@ -83,8 +87,7 @@ def test_sigkill_during_saves_always_resumes_from_the_last_commit(tmp_path: Path
         if phase != "free":
             target = last_commit + 2 * rng.randint(1, 3)  # a save step of this run
             arm = f"{phase}@{target}" if phase not in UPLOAD else phase  # uploads: the first one this run
-            env = {"HYPERLAUNCH_CKPT_PAUSE": arm, "HYPERLAUNCH_CKPT_PAUSE_DIR": str(pauses),
-                   "HYPERLAUNCH_CKPT_PAUSE_S": "60"}
+            env = pause_env(arm, pauses, hold_s=120)
         job = start(tmp_path / f"run{trial}", nproc, args, env)
         if phase == "free":
             marker = wait_for_new_save(ckpt, job)
@@ -92,7 +95,11 @@ def test_sigkill_during_saves_always_resumes_from_the_last_commit(tmp_path: Path
         else:
             marker = wait_for((pauses, f"{phase}@*"), job, 120)
             time.sleep(rng.uniform(0.0, 0.05))
+        alive = job.proc.poll() is None
         job.kill()
+        killed = alive and job.proc.returncode == -signal.SIGKILL
+        # inside the phase: killed while the hook held it (its marker has no ".left" companion)
+        inside = killed and (phase == "free" or not any(left(m) for m in markers(pauses, phase)))
         text = job.text()
         killed_step = int(marker.name.split("@")[1].split(".")[0]) if phase != "free" else int(marker.name[5:13])
 
@@ -113,7 +120,8 @@ def test_sigkill_during_saves_always_resumes_from_the_last_commit(tmp_path: Path
         elif phase in UPLOAD:
             assert now >= killed_step, (phase, killed_step, commits)
         summary.append({"trial": trial, "ranks": nproc or 1, "phase": phase, "save_step": killed_step,
-                        "resumed_from": last_commit, "steps_checked": len(got), "last_commit_after_kill": now})
+                        "resumed_from": last_commit, "steps_checked": len(got), "last_commit_after_kill": now,
+                        "killed_inside": inside})
         last_commit = now
         exact = exact and nproc is None
         assert last_commit < STEPS - 10, "the chain ran out of steps"
@@ -129,20 +137,25 @@ def test_sigkill_during_saves_always_resumes_from_the_last_commit(tmp_path: Path
     client, loc = moto.client(), S3Location.of(cfg)
     index = read_index(client, loc)
     assert index.latest == STEPS
-    for step in index.steps:
+    local_steps = set(committed_steps(ckpt))
+    assert STEPS in local_steps
+    for step in index.steps:  # downloaded bytes, not metadata the replicator wrote itself
         manifest = read_manifest(client, loc, step)
         for name, entry in manifest.files.items():
-            head = client.head_object(Bucket=bucket, Key=loc.step_key(step, name))
-            assert head["ContentLength"] == entry.size and head["Metadata"]["crc32"] == entry.crc32
+            body = client.get_object(Bucket=bucket, Key=loc.step_key(step, name))["Body"].read()
+            assert (len(body), f"{zlib.crc32(body):08x}") == (entry.size, entry.crc32), (step, name)
+            if step in local_steps:
+                assert body == (ckpt / f"step_{step:08d}" / name).read_bytes(), (step, name)
     assert client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
     assert not list(ckpt.glob("step_*.*")), list(ckpt.glob("step_*.*"))  # no temporary leftovers
 
-    kills = len(summary)
-    by_phase: dict[str, int] = {}
+    by_phase: dict[str, int] = {}  # kills proven to have landed inside their phase
     for item in summary:
-        by_phase[item["phase"]] = by_phase.get(item["phase"], 0) + 1
+        by_phase[item["phase"]] = by_phase.get(item["phase"], 0) + int(item["killed_inside"])
     (tmp_path / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(f"\nfault injection: {kills} SIGKILLs, by phase {by_phase}; every resume picked the last commit")
+    print(f"\nfault injection: {len(summary)} SIGKILLs, inside their phase by phase {by_phase}")
     for item in summary:
         print("  ", item)
-    assert kills >= 20 and all(by_phase.get(p, 0) >= 2 for p in PRE_COMMIT + POST_COMMIT + UPLOAD)
+    missed = [item for item in summary if not item["killed_inside"]]
+    assert not missed, f"kills that did not land inside their phase: {missed}"
+    assert all(by_phase.get(p, 0) >= 2 for p in PRE_COMMIT + POST_COMMIT + UPLOAD), by_phase

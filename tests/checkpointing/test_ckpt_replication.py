@@ -11,16 +11,21 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+from botocore.exceptions import ClientError
 
 from configs.checkpoint_config import S3Config
+from checkpointing.fetch import fetch_step
+from checkpointing.journal import Journal
 from checkpointing.manifest import Manifest, file_entry
-from checkpointing.replicate import Journal, Replicator, fetch_step
-from checkpointing.s3 import S3Location, read_index
+from checkpointing.replicate import Replicator
+from checkpointing.s3 import S3Location, b64_crc32, read_index
 from checkpointing.status import read_replication_status
 from checkpointing.store import CheckpointStore, step_name
 from ckpt_harness import ROOT
+from ckpt_pause_hook import RELEASE, markers, pause_env
 from s3_services import FaultProxy, MotoServer
 
 faulthandler.enable()
@@ -45,15 +50,20 @@ def s3cfg(bucket: str, endpoint: str, **kw: object) -> S3Config:
     return S3Config(**base)  # type: ignore[arg-type]
 
 
-def assert_in_s3(client: object, cfg: S3Config, step_dir: Path) -> None:
-    """Every object present with the manifest's size and CRC; the manifest last; the index lists the step."""
+def assert_in_s3(client: Any, cfg: S3Config, step_dir: Path) -> None:
+    """Every object downloaded is byte for byte the committed local file, and S3's own full-object
+    CRC-32 of it is the manifest's; the manifest is there; the index lists the step; no upload open."""
     loc = S3Location.of(cfg)
     manifest = Manifest.from_json((step_dir / "manifest.json").read_text())
+    for name in [*manifest.files, "manifest.json"]:
+        key = loc.step_key(manifest.step, name)
+        assert client.get_object(Bucket=cfg.bucket, Key=key)["Body"].read() == (step_dir / name).read_bytes(), name
     for name, entry in manifest.files.items():
-        head = client.head_object(Bucket=cfg.bucket, Key=loc.step_key(manifest.step, name))  # type: ignore[attr-defined]
-        assert head["ContentLength"] == entry.size and head["Metadata"]["crc32"] == entry.crc32, name
+        head = client.head_object(Bucket=cfg.bucket, Key=loc.step_key(manifest.step, name), ChecksumMode="ENABLED")
+        assert head.get("ChecksumCRC32") == b64_crc32(int(entry.crc32, 16)), (name, head.get("ChecksumCRC32"))
+        assert head.get("ChecksumType") in ("FULL_OBJECT", None), (name, head.get("ChecksumType"))
     assert manifest.step in read_index(client, loc).steps
-    uploads = client.list_multipart_uploads(Bucket=cfg.bucket).get("Uploads", [])  # type: ignore[attr-defined]
+    uploads = client.list_multipart_uploads(Bucket=cfg.bucket).get("Uploads", [])
     assert uploads == [], f"multipart uploads left open: {uploads}"
 
 
@@ -79,15 +89,22 @@ def cli_args(mode: str, root: Path, cfg: S3Config) -> list[str]:
             str(cfg.max_concurrency), "--max-attempts", str(cfg.max_attempts)]
 
 
-def wait_marker(directory: Path, proc: subprocess.Popen[str], timeout: float = 60) -> Path:
+def wait_marker(directory: Path, proc: subprocess.Popen[str], timeout: float = 120) -> Path:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        found = list(directory.glob("*@*")) if directory.exists() else []
+        found = markers(directory)
         if found:
             return found[0]
         assert proc.poll() is None, f"replicator exited early ({proc.returncode})"
         time.sleep(0.02)
     raise AssertionError("the pause marker never appeared")
+
+
+def wait_text(path: Path, text: str, proc: subprocess.Popen[str], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in (path.read_text() if path.exists() else ""):
+        assert proc.poll() is None and time.monotonic() < deadline, (path.read_text() if path.exists() else "")[-3000:]
+        time.sleep(0.05)
 
 
 def test_multipart_replication_verifies_and_round_trips(tmp_path: Path, moto: MotoServer, bucket: str) -> None:
@@ -112,7 +129,7 @@ def test_killed_replicator_resumes_its_multipart_upload(tmp_path: Path, moto: Mo
     loc = S3Location.of(cfg)
     pauses = tmp_path / "pauses"
     proc = replicator_cli(cli_args("once", root, cfg), log=tmp_path / "first.log",
-                          env={"HYPERLAUNCH_CKPT_PAUSE": "upload_data@20", "HYPERLAUNCH_CKPT_PAUSE_DIR": str(pauses)})
+                          env=pause_env("upload_data@20", pauses))
     try:
         wait_marker(pauses, proc)
     finally:
@@ -125,8 +142,9 @@ def test_killed_replicator_resumes_its_multipart_upload(tmp_path: Path, moto: Mo
     parts_before = client.list_parts(Bucket=bucket, Key=loc.step_key(20, "__0_0.distcp"),
                                       UploadId=journal.uploads[(20, "__0_0.distcp")]["upload_id"])["Parts"]
     assert len(parts_before) >= 2
-    with pytest.raises(Exception):  # no manifest yet: the step is not in S3
+    with pytest.raises(ClientError) as missing:  # no manifest yet: the step is not in S3
         client.head_object(Bucket=bucket, Key=loc.step_key(20, "manifest.json"))
+    assert missing.value.response["Error"]["Code"] == "404"
 
     # an upload no journal knows about (a crash between CreateMultipartUpload and the journal line)
     stray = client.create_multipart_upload(Bucket=bucket, Key=loc.step_key(7, "__0_0.distcp"))
@@ -147,13 +165,14 @@ def test_s3_server_killed_mid_upload_then_restarted(tmp_path: Path) -> None:
         step_dir = make_step(root, 30, {"__0_0.distcp": 16 * MiB, "__0_1.distcp": 3 * MiB, "common.pt": 50})
         cfg = s3cfg("ckpt-restart", server.endpoint, max_attempts=2, max_concurrency=2)
         pauses = tmp_path / "pauses"
-        proc = replicator_cli(cli_args("follow", root, cfg), stdin=subprocess.PIPE, log=tmp_path / "replicator.log",
-                              env={"HYPERLAUNCH_CKPT_PAUSE": "upload_data@30", "HYPERLAUNCH_CKPT_PAUSE_DIR": str(pauses),
-                                   "HYPERLAUNCH_CKPT_PAUSE_S": "1.5"})
+        log = tmp_path / "replicator.log"
+        proc = replicator_cli(cli_args("follow", root, cfg), stdin=subprocess.PIPE, log=log,
+                              env=pause_env("upload_data@30", pauses))
         try:
             wait_marker(pauses, proc)
             server.kill()  # mid-upload: the multipart upload has parts, the endpoint is gone
-            time.sleep(4)  # the replicator now fails, logs, backs off, retries
+            (pauses / RELEASE).touch()
+            wait_text(log, "attempt failed, retrying", proc)  # it failed, logged, and backs off
             server.start()  # in-memory: the bucket and every object are gone too
             server.client().create_bucket(Bucket="ckpt-restart")
             assert proc.stdin is not None
@@ -163,9 +182,9 @@ def test_s3_server_killed_mid_upload_then_restarted(tmp_path: Path) -> None:
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
-        log = (tmp_path / "replicator.log").read_text()
-        assert "attempt failed, retrying" in log, log
-        assert "replicated and verified" in log, log
+        text = log.read_text()
+        assert "attempt failed, retrying" in text, text
+        assert "replicated and verified" in text, text
         status = read_replication_status(str(root))
         assert status is not None and status.failures_total >= 1 and status.last_replicated_step == 30, status
         assert_in_s3(server.client(), cfg, step_dir)

@@ -19,8 +19,9 @@ import pytest
 from checkpointing.manifest import Manifest
 from checkpointing.signature import model_signature
 from checkpointing.store import CheckpointStore, step_name
-from ckpt_harness import TINY, committed_steps, losses, resumed_step, run, start, wait_for
-from s3_services import MotoServer, free_port
+from ckpt_harness import TINY, committed_steps, losses, resumed_step, run, start, wait_for, wait_text
+from ckpt_pause_hook import RELEASE, left, pause_env
+from s3_services import FaultProxy, MotoServer, free_port
 from tests.compose import compose_root
 
 faulthandler.enable()
@@ -43,15 +44,19 @@ def drop_steps_after(ckpt: Path, keep: int) -> None:
 
 
 def test_async_save_snapshot_and_exact_resume(tmp_path: Path, reference: dict[int, float]) -> None:
-    """Step 3's files are written while steps 4-8 train (the writer is held 1.5 s): the checkpoint
-    must still hold step 3's state, so resuming from it reproduces steps 4..8 exactly."""
-    ckpt = tmp_path / "ckpt"
+    """Step 3's files are written while steps 4-8 train (the writer is held inside the write until
+    step 5 has trained): the checkpoint must still hold step 3's state, so resuming from it
+    reproduces steps 4..8 exactly."""
+    ckpt, pauses = tmp_path / "ckpt", tmp_path / "pauses"
     args = [*TINY, "training.train_steps=8", "checkpoint.save_interval=3", f"checkpoint.dir={ckpt}"]
-    first = run(tmp_path / "a", None, args, env={"HYPERLAUNCH_CKPT_PAUSE": "write_data@3",
-                                                 "HYPERLAUNCH_CKPT_PAUSE_S": "1.5",
-                                                 "HYPERLAUNCH_CKPT_PAUSE_DIR": str(tmp_path / "pauses")})
+    job = start(tmp_path / "a", None, args, env=pause_env("write_data@3", pauses, hold_s=170))
+    marker = wait_for((pauses, "write_data@3.*"), job, 120)
+    wait_text(job, "step=5/8", 120)
+    assert not left(marker)  # step 5 trained while the write of step 3 was held
+    (pauses / RELEASE).touch()
+    assert job.wait(120) == 0, job.text()[-6000:]
+    first = job.text()
     assert losses(first) == reference
-    assert (tmp_path / "pauses").exists()  # the write of step 3 really was held
     lines = first.splitlines()
     commit3 = next(i for i, ln in enumerate(lines) if "committed" in ln and "step_00000003" in ln)
     assert any(ln.startswith("step=5/8") for ln in lines[:commit3]), "training did not continue during the write"
@@ -133,6 +138,12 @@ def test_fetch_from_s3_when_the_shared_filesystem_has_none(tmp_path: Path, moto:
     assert "fetching s3://" in second and f"fetched {step_name(6)} from S3" in second, second[-3000:]
     assert resumed_step(second) == 6
     assert losses(second) == {s: v for s, v in reference.items() if s > 6}
+    # the only local step fails its CRC check (same size, other bytes): S3's copy, not step 0
+    data = next(p for p in sorted((ckpt / step_name(8)).glob("*.distcp")) if p.stat().st_size > 0)
+    data.write_bytes(bytes(b ^ 0xFF for b in data.read_bytes()))
+    third = run(tmp_path / "c", None, args)
+    assert "crc32" in third and f"fetched {step_name(8)} from S3" in third, third[-3000:]
+    assert resumed_step(third) == 8
 
 
 def test_sigterm_saves_after_the_step_and_resume_continues(tmp_path: Path) -> None:
@@ -159,6 +170,33 @@ def test_sigterm_saves_after_the_step_and_resume_continues(tmp_path: Path) -> No
     assert losses(resumed) == {s: v for s, v in full.items() if s > stopped}
 
 
+def test_s3_outage_at_resume_stops_instead_of_starting_over(tmp_path: Path) -> None:
+    """The only checkpoint is in S3, and S3 dies while resume downloads it (after the start-up checks
+    passed): every step looks unreadable, which is not "no checkpoint". The run must stop, non-zero,
+    naming the endpoint, and never train from step 1 (nor replicate or prune anything)."""
+    server = MotoServer(tmp_path / "moto").start()
+    try:
+        server.client().create_bucket(Bucket="ckpt-outage")
+        ckpt = tmp_path / "ckpt"
+        args = [*TINY, "training.train_steps=4", "checkpoint.save_interval=2", f"checkpoint.dir={ckpt}",
+                "checkpoint.s3.bucket=ckpt-outage", "checkpoint.s3.prefix=runs/outage", "checkpoint.s3.max_attempts=2",
+                "checkpoint.s3.final_upload_timeout_s=5"]
+        first = run(tmp_path / "a", None, [*args, f"checkpoint.s3.endpoint_url={server.endpoint}"])
+        assert "replicated and verified" in first
+        shutil.rmtree(ckpt)  # S3 only (a new cluster, or the shared filesystem was lost)
+        data = lambda method, path: "/step_" in path and not path.split("?")[0].endswith("manifest.json")  # noqa: E731
+        with FaultProxy(server.port, cut_when=data, on_cut=server.kill) as proxy:
+            out = run(tmp_path / "b", None, [*args, f"checkpoint.s3.endpoint_url={proxy.endpoint}"], expect_rc=75)
+            assert proxy.cut.is_set()  # S3 went away during the fetch, not before it
+        assert "Traceback" not in out, out[-3000:]  # one error line, exit 75 (EX_TEMPFAIL: run again later)
+        assert f"cannot fetch a checkpoint (3 attempts) from s3://ckpt-outage/runs/outage at {proxy.endpoint}" in out
+        assert "the run stops here instead of training from step 0" in out and "retrying in" in out, out[-3000:]
+        assert "step=1/" not in out and "starting from scratch" not in out, out[-3000:]
+        assert "replicate:" not in out and committed_steps(ckpt) == []  # no replicator, no save, no retention
+    finally:
+        server.kill()
+
+
 # ------------------------------------------------------------------------- bad input, before training
 
 
@@ -177,14 +215,20 @@ def auth_moto(tmp_path: Path):
     server.kill()
 
 
-@pytest.mark.parametrize("case", ["unwritable_dir", "missing_bucket", "wrong_credentials", "unreachable_endpoint",
-                                  "incompatible_model"])
+@pytest.mark.parametrize("case", ["unwritable_dir", "unmounted_dir", "missing_bucket", "wrong_credentials",
+                                  "unreachable_endpoint", "incompatible_model", "malformed_hook"])
 def test_bad_input_fails_at_start_up_naming_the_setting(tmp_path: Path, case: str, request: pytest.FixtureRequest) -> None:
     ckpt = tmp_path / "ckpt"
     args = [*TINY, "training.train_steps=2", f"checkpoint.dir={ckpt}"]
+    env: dict[str, str] = {}
     if case == "unwritable_dir":
         (tmp_path / "file").write_text("x")
         args[-1], field, text = f"checkpoint.dir={tmp_path / 'file' / 'ckpt'}", "checkpoint.dir", "not writable"
+    elif case == "unmounted_dir":  # /fsx/checkpoints/run with nothing mounted on /fsx
+        args[-1], field, text = f"checkpoint.dir={tmp_path / 'fsx' / 'ckpt'}", "checkpoint.dir", "mounted"
+    elif case == "malformed_hook":  # a fault-injection setting that would otherwise fail deep inside a save
+        env = pause_env("write_data@three", tmp_path / "pauses")
+        field, text = "HYPERLAUNCH_CKPT_HOOK", "write_data@three"
     elif case == "missing_bucket":
         moto = request.getfixturevalue("moto")
         args += ["checkpoint.s3.bucket=no-such-bucket", f"checkpoint.s3.endpoint_url={moto.endpoint}"]
@@ -200,7 +244,8 @@ def test_bad_input_fails_at_start_up_naming_the_setting(tmp_path: Path, case: st
         fabricate_checkpoint(ckpt, hidden_size=32)
         field, text = "model.hidden_size", "hidden_size=32"
     t0 = time.monotonic()
-    out = run(tmp_path / "run", None, args, expect_rc=2, timeout=120)
+    out = run(tmp_path / "run", None, args, env=env, expect_rc=2, timeout=120)
     assert f"{field} = " in out and text in out, out[-3000:]
     assert "Traceback" not in out and "layout:" not in out, out[-3000:]
     assert time.monotonic() - t0 < 60
+    assert not (tmp_path / "fsx").exists()  # nothing was created where a filesystem should be mounted

@@ -13,9 +13,9 @@ import pytest
 from configs.checkpoint_config import CheckpointConfig, S3Config, check
 from checkpointing.manifest import (FileEntry, HashingWriter, Manifest, ManifestError, crc32_combine, file_entry,
                                     read_manifest)
+from checkpointing.journal import Journal
 from checkpointing.preflight import check_compatible, check_writable
-from checkpointing.replicate import Journal
-from checkpointing.store import CheckpointStore, step_name
+from checkpointing.store import CheckpointStore, StorageUnavailable, step_name
 from tests.compose import compose_root
 
 
@@ -167,14 +167,14 @@ def test_retention_deletes_only_behind_a_newer_safe_copy(tmp_path: Path) -> None
 def test_journal_replays_and_survives_a_torn_line(tmp_path: Path) -> None:
     path = tmp_path / "replication" / "journal.jsonl"
     journal = Journal(path)
-    journal.record("mpu", step=4, name="a", upload_id="u1", part_size=5 << 20)
-    journal.record("mpu", step=4, name="b", upload_id="u2", part_size=5 << 20)
+    journal.record("mpu", step=4, name="a", upload_id="u1", part_size=5 << 20, checksum_type="FULL_OBJECT")
+    journal.record("mpu", step=4, name="b", upload_id="u2", part_size=5 << 20, checksum_type="FULL_OBJECT")
     journal.record("mpu_done", step=4, name="a")
     journal.record("verified", step=4, name="a", crc32="0000abcd")
     with open(path, "a") as handle:
         handle.write('{"ev": "verified", "step": 4, "na')  # killed mid-write
     again = Journal(path)
-    assert again.uploads == {(4, "b"): {"upload_id": "u2", "part_size": 5 << 20}}
+    assert again.uploads == {(4, "b"): {"upload_id": "u2", "part_size": 5 << 20, "checksum_type": "FULL_OBJECT"}}
     assert again.verified == {(4, "a"): "0000abcd"}
     again.record("forget", step=4)
     assert Journal(path).uploads == {} and Journal(path).verified == {}
@@ -231,3 +231,116 @@ def test_journal_is_bound_to_one_s3_location(tmp_path: Path) -> None:
     assert (4, "__0_0.distcp") in again.verified  # same location: resumes
     assert again.start_for("aws s3://a/run2") == "aws s3://a/run1"  # moved: verified-there means nothing here
     assert again.verified == {} and Journal(path).verified == {} and Journal(path).location == "aws s3://a/run2"
+
+
+# ------------------------------------------------------------------------- storage that cannot be read
+
+
+def test_a_missing_parent_is_an_unmounted_filesystem_not_a_new_directory(tmp_path: Path) -> None:
+    """/fsx not mounted: /fsx/checkpoints/run must not be created on the local disk and trained into."""
+    found: list[tuple[str, object, str]] = []
+    check_writable(str(tmp_path / "fsx" / "checkpoints" / "run"), lambda f, v, fix: found.append((f, v, fix)))
+    assert [f for f, _, _ in found] == ["checkpoint.dir"] and "mounted" in found[0][2], found
+    assert not (tmp_path / "fsx").exists()
+    found.clear()
+    check_writable(str(tmp_path / "ckpt"), lambda f, v, fix: found.append((f, v, fix)))  # parent exists: created
+    assert found == [] and (tmp_path / "ckpt").is_dir()
+
+
+def test_a_directory_that_cannot_be_listed_is_not_an_empty_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    store = CheckpointStore(str(tmp_path))
+    for step in (2, 4, 6):
+        commit_step(store, step)
+
+    def eio(path: object) -> list[str]:
+        raise OSError(errno.EIO, "Input/output error", str(path))
+
+    monkeypatch.setattr("checkpointing.store.os.listdir", eio)
+    with pytest.raises(StorageUnavailable, match="cannot list the checkpoint directory .*Input/output error"):
+        store.newest_valid(say=lambda _l: None)
+    lines: list[str] = []
+    assert store.prune(1, replicated=None, say=lines.append) == []  # retention never runs blind
+    assert "retention skipped" in lines[0]
+    monkeypatch.undo()
+    assert store.committed_steps() == [6, 4, 2]
+
+
+def test_a_manifest_that_cannot_be_read_stops_the_scan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """EIO on the newest manifest: not "skip to an older step" (or to none), and not pruned."""
+    import errno
+
+    store = CheckpointStore(str(tmp_path))
+    for step in (2, 4):
+        commit_step(store, step)
+    read_text = Path.read_text
+
+    def flaky(self: Path, *args: object, **kwargs: object) -> str:
+        if self.parent.name == step_name(4) and self.name == "manifest.json":
+            raise OSError(errno.EIO, "Input/output error", str(self))
+        return read_text(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "read_text", flaky)
+    with pytest.raises(StorageUnavailable, match="step_00000004: cannot read manifest.json"):
+        store.newest_valid(say=lambda _l: None)
+    assert store.prune(1, replicated=None, say=lambda _l: None) == []
+    monkeypatch.undo()
+    assert store.committed_steps() == [4, 2]
+
+
+# ------------------------------------------------------------------------- the fault-injection hook
+
+
+def test_the_hook_is_inert_unless_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    from checkpointing import hooks
+
+    monkeypatch.delenv(hooks.ENV, raising=False)
+    monkeypatch.setattr(hooks, "_loaded", None)
+    hooks.check()
+    hooks.at("write_data", 3)  # nothing imported, nothing called
+    calls: list[tuple[str, int]] = []
+    import types
+    import sys
+
+    module = types.ModuleType("recording_hook_for_test")
+    module.record = lambda phase, step: calls.append((phase, step))  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "recording_hook_for_test", module)
+    monkeypatch.setenv(hooks.ENV, "recording_hook_for_test:record")
+    hooks.at("rename", 7)
+    assert calls == [("rename", 7)]
+
+
+@pytest.mark.parametrize("value,text", [
+    ("just_a_module", "expected module:function"),
+    ("no_such_module_xyz:at_phase", "cannot import no_such_module_xyz"),
+    ("json:no_such_function", "json has no function no_such_function"),
+    ("json:__doc__", "json has no function __doc__"),
+])
+def test_a_malformed_hook_is_a_clear_error_at_start_up(value: str, text: str, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from checkpointing import hooks
+    from checkpointing.preflight import preflight
+    from configs.errors import ConfigError
+
+    monkeypatch.setenv(hooks.ENV, value)
+    with pytest.raises(hooks.HookError, match=text):
+        hooks.check()
+    cfg = compose_root()
+    cfg.checkpoint.enabled, cfg.checkpoint.dir = True, str(tmp_path / "ckpt")
+    with pytest.raises(ConfigError) as info:
+        preflight(cfg, rank=1)
+    assert f"{hooks.ENV} = {value!r}" in str(info.value) and text in str(info.value)
+
+
+def test_the_pause_hook_checks_its_own_setting_at_import(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from checkpointing import hooks
+
+    monkeypatch.delitem(sys.modules, "ckpt_pause_hook", raising=False)
+    monkeypatch.setenv(hooks.ENV, "ckpt_pause_hook:at_phase")
+    monkeypatch.setenv("CKPT_TEST_PAUSE", "write_data@three")
+    monkeypatch.setattr(hooks, "_loaded", None)
+    with pytest.raises(hooks.HookError, match="write_data@three"):
+        hooks.check()
