@@ -8,6 +8,7 @@
   the forward of process step N;
 * ``hang``: blocks in the forward of process step N, as a hung kernel or collective would, until
   killed; it fires once per run (a marker in the run directory), so the restarted group trains on.
+* ``dataslow``: every sample the rank reads takes ``seconds`` longer (a slow filesystem or loader).
 
 Steps are counted by the process (a resumed run starts again at 1). Nothing here ships in the
 product: the trainer loads it like any other plugin (trainer/__main__.py).
@@ -34,8 +35,8 @@ def fault_env(spec: str, base: Optional[dict[str, str]] = None) -> dict[str, str
 
 @dataclass(frozen=True)
 class Fault:
-    kind: str  # slow | fail | hang
-    factor: float = 1.0
+    kind: str  # slow | fail | hang | dataslow
+    factor: float = 1.0  # slow: the compute factor; dataslow: seconds per sample
     start: int = 1
     end: int = 1 << 60
 
@@ -49,12 +50,14 @@ def parse(spec: str, rank: int) -> list[Fault]:
             kv = dict(a.split("=", 1) for a in args.split(",") if a)
         except ValueError:
             raise ValueError(f"{FAULT_ENV}: {item!r} is not kind:key=value,...") from None
-        if kind not in ("slow", "fail", "hang"):
-            raise ValueError(f"{FAULT_ENV}: unknown fault {kind!r} (slow, fail, hang)")
+        if kind not in ("slow", "fail", "hang", "dataslow"):
+            raise ValueError(f"{FAULT_ENV}: unknown fault {kind!r} (slow, fail, hang, dataslow)")
         who = kv.get("rank", "*")
         if who != "*" and int(who) != rank:
             continue
-        if kind == "slow":
+        if kind == "dataslow":
+            faults.append(Fault("dataslow", float(kv.get("seconds", 0.05))))
+        elif kind == "slow":
             faults.append(Fault("slow", float(kv.get("factor", 2)), int(kv.get("from", 1)), int(kv.get("to", 1 << 60))))
         else:
             step = int(kv.get("step", 1))
@@ -69,6 +72,16 @@ class FaultCallback:
         self._t0 = 0.0
 
     def on_train_start(self, state: Any) -> None:
+        for fault in self.faults:
+            if fault.kind == "dataslow":
+                source = state.extra["source"]
+                sample, delay = source.sample, fault.factor
+
+                def slow_sample(index: int, _sample: Any = sample, _delay: float = delay) -> Any:
+                    time.sleep(_delay)
+                    return _sample(index)
+
+                source.sample = slow_sample
         for chunk in state.model:
             chunk.register_forward_pre_hook(self._before)
             chunk.register_forward_hook(self._after)

@@ -225,3 +225,20 @@ def test_killed_run_resumes_and_its_ledger_adds_up(tmp_path: Path) -> None:
     as_json = json.loads(subprocess.run([sys.executable, "-m", "launcher", "status", str(run), "--json"], cwd=ROOT,
                                         capture_output=True, text=True, timeout=60).stdout)
     assert as_json["goodput"]["attempts"] == 2 and as_json["goodput"]["fraction"] == 1.0
+
+
+def test_slow_data_is_named_as_the_cause_of_plan_drift(tmp_path: Path) -> None:
+    """A loader that takes 60 ms per sample (4 per step): the plan check says the run drifts and why."""
+    proc = subprocess.run([sys.executable, "-m", "launcher", "config=tiny_local", f"runs_root={tmp_path}",
+                           "training.train_steps=16", "monitoring.plan.warmup_steps=2", "monitoring.plan.window_steps=6",
+                           "monitoring.straggler.enabled=true"], cwd=ROOT, env=fault_env("dataslow:seconds=0.06"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    plan = [ln for ln in proc.stdout.splitlines() if ln.startswith("plan: step time")]
+    assert plan and "DRIFT: likely data-wait dominated: ranks wait" in plan[0], plan
+    share = int(re.search(r"ranks wait (\d+)% of each step", plan[0]).group(1))  # type: ignore[union-attr]
+    assert 50 <= share <= 100  # 0.24 s of waiting in a step of ~0.3 s
+    assert "monitoring: [WARN] Plan drift: run" in proc.stdout  # the alert (W&B and the console)
+    assert "milestone: 50% of the tokens (4,096 of 8,192)" in proc.stdout
+    ledger = json.loads((only_run(tmp_path) / "goodput.json").read_text())
+    assert ledger["seconds"]["data_wait"] > 16 * 4 * 0.06 * 0.9 and ledger["plan"]["drift"] is True

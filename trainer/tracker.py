@@ -132,11 +132,11 @@ class RunTracker:
         if report.milestone is not None:
             state.milestones = sorted(set(state.milestones) | set(self.progress.done))
             eta = f", ETA {human_duration(report.eta_s)}" if report.eta_s is not None and report.fraction < 1 else ""
+            text = (f"{report.milestone}% of the tokens ({report.tokens_done:,} of {report.tokens_total:,}) after "
+                    f"{human_duration(time.time() - state.first_start)} wall{eta}; goodput {state.goodput:.1%}")
+            print(f"milestone: {text}", flush=True)
             self._notices.append(Notice("milestone", f"Milestone {report.milestone}%",
-                                        f"run {self._run_name()}: {report.milestone}% of the tokens "
-                                        f"({report.tokens_done:,} of {report.tokens_total:,}) after "
-                                        f"{human_duration(time.time() - state.first_start)} wall{eta}; "
-                                        f"goodput {state.goodput:.1%}"))
+                                        f"run {self._run_name()}: {text}"))
         if plan is not None:
             self._plan_notice(plan)
         self.ledger.save()
