@@ -126,6 +126,12 @@ class JobBackend(Protocol):
         """Cancel a job; a job that already ended is not an error."""
         ...
 
+    def stop(self, job_id: str) -> None:
+        """Ask a running job to stop gracefully: SIGTERM to the batch shell and every step, no kill
+        (the ranks stop after the same step, save a checkpoint and exit; the batch script then ends
+        the job as cancelled). A job that already ended is not an error."""
+        ...
+
 
 class BackendError(Exception):
     """A scheduler command failed for a reason other than refusing a submission."""

@@ -103,6 +103,12 @@ class PyslurmBackend:
                 raise BackendError(f"cancelling job {job_id} failed", stderr=str(exc)) from exc
             raise
 
+    def stop(self, job_id: str) -> None:
+        """pyslurm's signal API differs between releases; scancel (always next to libslurm) does it."""
+        from cluster.slurm_cli import SlurmCLI
+
+        SlurmCLI().stop(job_id)
+
     @staticmethod
     def _from_ctld_job(job_id: str, job: Any) -> JobStatus:
         state = normalize_state(getattr(job, "state", None))

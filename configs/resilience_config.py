@@ -26,6 +26,7 @@ class ResilienceConfig:
     poll_s: float = 5.0  # how often the watchdog looks
     max_hangs_per_host: int = 2  # a host named in this many hangs is drained and the job requeued without it
     stack_dumps: bool = True  # py-spy (or faulthandler) stacks of the stopped ranks into <run dir>/hangs/
+    collective_timeout_s: float = 600.0  # NCCL/gloo: a collective whose peer never arrives fails after this
 
 
 def check(cfg: ResilienceConfig, add: AddProblem) -> None:
@@ -39,5 +40,8 @@ def check(cfg: ResilienceConfig, add: AddProblem) -> None:
         add("resilience.startup_s", cfg.startup_s, f"must be at least resilience.floor_s ({cfg.floor_s})")
     if not 0 < cfg.poll_s <= cfg.floor_s:
         add("resilience.poll_s", cfg.poll_s, f"must be > 0 and at most resilience.floor_s ({cfg.floor_s})")
+    if not 30 <= cfg.collective_timeout_s <= 24 * 3600:
+        add("resilience.collective_timeout_s", cfg.collective_timeout_s, "must be between 30 s and a day (600: "
+            "the PyTorch default for NCCL); the hang watchdog, not this timeout, should end a hang")
     if cfg.max_hangs_per_host < 1:
         add("resilience.max_hangs_per_host", cfg.max_hangs_per_host, "must be >= 1")

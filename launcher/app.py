@@ -132,7 +132,7 @@ def _run_local(root: RootConfig, run_dir: Path, workdir: str) -> int:
     command = local_command(root.cluster, str(run_dir / CONFIG_FILE), root.resilience.max_restarts)
     rc = LocalExecutor(run_dir, workdir).run(command, on_start=started, watchdog=root.resilience.watchdog)
     cancelled = read_job_record(run_dir).get("state") == "CANCELLED" or rc == 130  # `cancel` or Ctrl-C
-    record.update(state="COMPLETED" if rc == 0 else ("CANCELLED" if cancelled else "FAILED"),
+    record.update(state="CANCELLED" if cancelled else ("COMPLETED" if rc == 0 else "FAILED"),
                   exit_code=rc, ended=time.time())
     write_job_record(run_dir, record)
     if cancelled:

@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "wait":
             p.add_argument("--timeout", type=float, default=24 * 3600.0)
             p.add_argument("--max-interval", type=float, default=60.0, help="polling back-off cap, seconds")
+        if name == "cancel":
+            p.add_argument("--now", action="store_true", help="Slurm: cancel at once, without the final checkpoint "
+                           "(default: the ranks stop after the current step and save first)")
         if name == "logs":
             p.add_argument("-f", "--follow", action="store_true", help="stream until the job ends")
             p.add_argument("-n", "--lines", type=int, default=50)

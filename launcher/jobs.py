@@ -203,13 +203,18 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     from cluster.local import stop_process_group
 
     run = resolve_run(args.run, args.runs_root)
-    rec = read_job_record(run)
+    rec = refresh([run])[run]  # the scheduler's state now: a pending job is cancelled, a running one stopped
     if rec.get("state") in TERMINAL:
         console.info(f"{run.name} already ended ({rec.get('state')}); nothing to cancel")
         return 0
-    if rec.get("backend") == "slurm":
+    if rec.get("backend") == "slurm" and (args.now or rec.get("state") != "RUNNING"):
         _backend(rec).cancel(str(rec["job_id"]))
         console.info(f"cancel requested for Slurm job {rec['job_id']} ({run.name})")
+    elif rec.get("backend") == "slurm":
+        _backend(rec).stop(str(rec["job_id"]))
+        console.info(f"asked Slurm job {rec['job_id']} ({run.name}) to stop: every rank stops after the same step, "
+                     f"saves a checkpoint and exits, then the job ends as cancelled (`launcher cancel --now "
+                     f"{run.name}` ends it at once, without saving)")
     elif rec.get("backend") == "local" and rec.get("pid"):
         stopped = stop_process_group(int(rec["pid"]))
         rec.update(state="CANCELLED", ended=time.time())

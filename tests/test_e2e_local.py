@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -37,7 +38,9 @@ def test_tiny_local_default(tmp_path: Path) -> None:
     run = only_run(tmp_path)
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["packages"]["torch"] and manifest["packages"]["megatron-core"]
-    assert "commit" in manifest["git"]
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert manifest["git"]["commit"] == head and len(head) == 40  # the code that ran, exactly
+    assert manifest["overrides"] == ["config=tiny_local", f"runs_root={tmp_path}"] and manifest["packages"]["torch"].startswith("2.")
     assert (run / "launch.sh").read_text().count("torch.distributed.run") == 1
     assert "step=30/30" in proc.stdout  # streamed to the terminal too
     tail = launcher("logs", str(run), "-n", "3")
@@ -76,8 +79,8 @@ def test_failing_local_run_reports_failure(tmp_path: Path) -> None:
 
 def test_cancel_local_run(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "launcher", "config=tiny_local", "training.train_steps=100000",
-                             f"runs_root={tmp_path}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                             "checkpoint.enabled=true", "checkpoint.save_interval=100000", f"runs_root={tmp_path}"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -95,6 +98,11 @@ def test_cancel_local_run(tmp_path: Path) -> None:
         with pytest.raises(ProcessLookupError):
             os.killpg(pid, 0)
         assert job_record(run)["state"] == "CANCELLED"
+        # the ranks got SIGTERM: they stopped after the same step and saved it before exiting
+        log = (run / "logs" / "local.out").read_text()
+        stopped = re.search(r"stopping after step (\d+)/100000", log)
+        assert stopped and "checkpoint: SIGTERM received: saving after this step" in log, log[-3000:]
+        assert (run / "checkpoints" / f"step_{int(stopped.group(1)):08d}" / "manifest.json").exists(), log[-3000:]
         listing = launcher("list", "--runs-root", str(tmp_path))
         assert run.name[:20] in listing.stdout and "CANCELLED" in listing.stdout
     finally:

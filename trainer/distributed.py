@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from dataclasses import dataclass
@@ -40,8 +41,11 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def init_distributed(par: ParallelismConfig, seed: int, timeout_minutes: int = 10) -> Layout:
-    """Join the job (torchrun's RANK/WORLD_SIZE/MASTER_ADDR...), build megatron's groups, seed."""
+def init_distributed(par: ParallelismConfig, seed: int, timeout_s: float = 600.0) -> Layout:
+    """Join the job (torchrun's RANK/WORLD_SIZE/MASTER_ADDR...), build megatron's groups, seed.
+
+    ``timeout_s`` bounds every collective (NCCL/gloo): a peer that never arrives fails the
+    collective after it (resilience.collective_timeout_s; the hang watchdog acts sooner)."""
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -55,13 +59,13 @@ def init_distributed(par: ParallelismConfig, seed: int, timeout_minutes: int = 1
     if cuda:
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend=backend, rank=rank, world_size=world,
-                            timeout=timedelta(minutes=timeout_minutes))
+                            timeout=timedelta(seconds=timeout_s))
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=par.tp,
         pipeline_model_parallel_size=par.pp,
         virtual_pipeline_model_parallel_size=par.vpp if par.vpp and par.vpp > 1 else None,
         context_parallel_size=par.cp,
-        distributed_timeout_minutes=timeout_minutes,
+        distributed_timeout_minutes=max(1, math.ceil(timeout_s / 60)),  # megatron's groups: whole minutes
     )
     # Weights come from trainer.param_init (name-seeded); these seed dropout and the rest.
     torch.manual_seed(seed)

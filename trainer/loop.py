@@ -44,7 +44,7 @@ def train(cfg: RootConfig, make_callbacks: CallbackFactory = no_callbacks) -> Tr
 
     ``make_callbacks(cfg, layout)`` builds the plugins (checkpointing first: it may resume)."""
     t, m, par = cfg.training, cfg.model, cfg.parallelism
-    layout = init_distributed(par, t.seed)
+    layout = init_distributed(par, t.seed, cfg.resilience.collective_timeout_s)
     run_dir = os.environ.get("HYPERLAUNCH_RUN_DIR")
     device = torch.device("cpu") if layout.gloo else torch.device("cuda", layout.local_rank)
     total_steps = train_steps(cfg)

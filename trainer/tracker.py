@@ -178,7 +178,8 @@ class RunTracker:
         reload = max(0.0, time.time() - first_step_s - self.ledger.started)
         cost = RestartCost(reload_s=reload, **info)
         self._last_restart_lost = cost.lost_s
-        self.ledger.state.restarts.append({**info, "reload_s": reload, "lost_s": cost.lost_s, "time": time.time()})
+        self.ledger.state.restarts.append({**info, "reload_s": reload, "lost_s": cost.lost_s, "time": time.time(),
+                                           "process_start": self.ledger.started, "first_step_start": time.time() - first_step_s})
         print(cost.line(), flush=True)
         self._notices.append(Notice("restart", "Job restarted", f"run {self._run_name()}: {cost.line()}", "WARN"))
 

@@ -237,6 +237,19 @@ def test_cancel_failure_raises():
         SlurmCLI(runner=runner).cancel("9")
 
 
+def test_stop_signals_batch_shell_and_steps_without_killing():
+    runner = FakeRunner([(["scancel", "--full", "--signal=TERM", "5"], ok()),
+                         (["scancel", "--full", "--signal=TERM", "6"], fail("scancel: error: Kill job error on job id 6: "
+                                                                            "Job/step already completing or completed\n")),
+                         (["scancel", "--full", "--signal=TERM", "7"], fail("scancel: error: Access/permission denied\n"))])
+    cli = SlurmCLI(runner=runner)
+    cli.stop("5")
+    cli.stop("6")
+    with pytest.raises(BackendError, match="permission denied"):
+        cli.stop("7")
+    assert runner.calls[0] == ("scancel", "--full", "--signal=TERM", "5")
+
+
 def test_requeue_commands():
     runner = FakeRunner([(["scontrol"], ok())])
     cli = SlurmCLI(runner=runner)
