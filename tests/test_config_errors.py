@@ -31,7 +31,7 @@ MISTAKES = [
     ([P5, "cluster.instance_type=ml.p6.48xlarge"], "cluster.instance_type = 'ml.p6.48xlarge': unknown instance"),
     (["+cluster.env.AWS_SECRET_ACCESS_KEY=abc"], "looks like a secret; never write its value"),
     (["training.train_tokens=100000"], "set exactly one of training.train_steps and training.train_tokens"),
-    (["training.data.source=indexed"], "indexed data needs at least one .bin/.idx path prefix"),
+    (["training.data.source=indexed"], "training.data.blend = []: indexed data needs at least one source"),
     ([P5, "cluster.container_mounts=[fsx]"], "cluster.container_mounts[0] = 'fsx': use SRC:DST[:FLAGS]"),
     ([P5, "runs_root='{tmp}/a b'"], "sbatch cannot take this path in #SBATCH --output"),
     (["cluster.nodes=2"], "a local run uses this machine only"),
@@ -78,6 +78,8 @@ def test_bad_dependency_and_local_depends_on(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "cluster.dependency" in proc.stderr
     proc = run_cli(["depends_on=1234"], tmp_path)
     assert proc.returncode == 2 and "dependencies need a Slurm cluster" in proc.stderr
-    proc = run_cli([P5, "depends_on=no-such-run", "dry_run=true"], tmp_path)
+    proc = run_cli([P5, "depends_on=no-such-run"], tmp_path / "real")  # refused before anything is submitted
     assert proc.returncode == 2 and "no run named 'no-such-run'" in proc.stderr
-    assert not any(tmp_path.iterdir())
+    assert not (tmp_path / "real").exists() or not any((tmp_path / "real").iterdir())
+    dry = run_cli([P5, "depends_on=no-such-run", "dry_run=true"], tmp_path)  # a dry run renders, and warns
+    assert dry.returncode == 0 and "warning (dry run; a real launch refuses it)" in dry.stdout + dry.stderr

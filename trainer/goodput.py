@@ -51,6 +51,8 @@ class LedgerState:
     milestones: list[int] = field(default_factory=list)  # progress milestones (percent) already announced
     restarts: list[dict[str, Any]] = field(default_factory=list)  # one record per restart (trainer.tracker)
     plan: dict[str, Any] = field(default_factory=dict)  # the newest plan-vs-actual comparison (trainer.plan_check)
+    failed_at: float = 0.0  # when the previous attempt raised (0: it did not, or it was killed)
+    failure: str = ""
     run: dict[str, Any] = field(default_factory=dict)  # total_steps, tokens_per_step, gpus, nodes, price_per_node_hour
 
     @property

@@ -110,7 +110,7 @@ def train(cfg: RootConfig, make_callbacks: CallbackFactory = no_callbacks) -> Tr
         finished = _run_steps(state, callbacks, timer, forward_step, forward_backward, num_microbatches,
                               flops_per_step, peak_tflops, losses)
     except BaseException as exc:
-        tracker.finish()
+        tracker.finish(error=exc)
         for callback in callbacks:
             callback.on_train_end(state, finished=False, error=exc)
         raise

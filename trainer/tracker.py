@@ -101,13 +101,19 @@ class RunTracker:
             unsaved = max(0, prev_step - max(step, saved_last))  # trained after the last save, and redone
             state.redone_steps += unsaved
             hang = _hang_since(self.run_dir, self.ledger.previous_update)
-            last_progress = max(prev_time, self.ledger.previous_update)
+            last_progress = prev_time or self.ledger.previous_update  # the newest heartbeat of the attempt
+            failed_at, failure = state.failed_at, state.failure
+            state.failed_at, state.failure = 0.0, ""
             detection = None
             cause = "the previous attempt stopped"
             if hang is not None:
                 detection = max(0.0, hang["detected"] - hang["last_progress"])
                 last_progress = hang["detected"]
                 cause = f"hang: {hang.get('text', 'watchdog verdict')}"
+            elif failed_at and prev_time and failed_at >= prev_time:  # it raised (a collective timed out, ...)
+                detection = failed_at - prev_time
+                last_progress = failed_at
+                cause = f"rank 0 failed: {failure}" + (f" after step {prev_step}" if prev_step else "")
             elif prev_step:
                 cause = f"the previous attempt's last progress was step {prev_step}"
             gap = max(0.0, max(prev_time, self.ledger.previous_update) - self.ledger.previous_update)
@@ -156,8 +162,13 @@ class RunTracker:
         notices, self._notices = tuple(self._notices), []
         return progress, notices
 
-    def finish(self) -> None:
-        """The loop ended (or raised): book the phase in progress and persist the ledger."""
+    def finish(self, error: Optional[BaseException] = None) -> None:
+        """The loop ended (or raised: ``error``, e.g. a collective that timed out because a peer hung):
+        book the phase in progress and persist the ledger; a failure's time lets the next attempt
+        tell detection (last progress -> this failure) from the restart."""
+        if error is not None and self.ledger.active:
+            self.ledger.state.failed_at = time.time()
+            self.ledger.state.failure = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
         self.ledger.transition("finished")
         self.ledger.save(force=True)
 
