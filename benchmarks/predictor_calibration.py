@@ -27,7 +27,7 @@ import csv
 import math
 import sys
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from memory_predictor import constants as C  # noqa: E402
+from memory_predictor.fitting import golden  # noqa: E402  (the fit `calibrate` reuses)
 from memory_predictor.flops import model_flops_per_step  # noqa: E402
 from memory_predictor.memory import predict_memory  # noqa: E402
 from memory_predictor.spec import Hardware, Layout, ModelSpec, Options, TrainSpec, hardware, layout_problems  # noqa: E402
@@ -298,24 +299,6 @@ def log_loss(rows: Sequence[Row], eff: C.Efficiency) -> float:
     return total
 
 
-def _golden(f: Callable[[float], float], lo: float, hi: float, steps: int = 30) -> float:
-    """The minimum of a unimodal f on [lo, hi] (golden-section search)."""
-    g = (math.sqrt(5) - 1) / 2
-    a, b = lo, hi
-    c, d = b - g * (b - a), a + g * (b - a)
-    fc, fd = f(c), f(d)
-    for _ in range(steps):
-        if fc < fd:
-            b, d, fd = d, c, fc
-            c = b - g * (b - a)
-            fc = f(c)
-        else:
-            a, c, fc = c, d, fd
-            d = a + g * (b - a)
-            fd = f(d)
-    return (a + b) / 2
-
-
 def fit_efficiency(rows: Sequence[Row], start: C.Efficiency = C.EFFICIENCY) -> C.Efficiency:
     """Least squares on log errors (golden-section searches; deterministic):
 
@@ -337,15 +320,15 @@ def fit_efficiency(rows: Sequence[Row], start: C.Efficiency = C.EFFICIENCY) -> C
     a100_start = start.compute["a100"]
 
     def best_compute(half: float) -> float:
-        return _golden(lambda x: log_loss(train, with_(x, a100_start, half)), 0.3, 0.95)
+        return golden(lambda x: log_loss(train, with_(x, a100_start, half)), 0.3, 0.95)
 
     def profile(log_half: float) -> float:
         half = math.exp(log_half)
         return log_loss(train, with_(best_compute(half), a100_start, half))
 
-    half = math.exp(_golden(profile, math.log(1e8), math.log(1e12)))
+    half = math.exp(golden(profile, math.log(1e8), math.log(1e12)))
     h100 = best_compute(half)
-    return with_(h100, _golden(lambda x: log_loss(a100, with_(h100, x, half)), 0.3, 0.95), half)
+    return with_(h100, golden(lambda x: log_loss(a100, with_(h100, x, half)), 0.3, 0.95), half)
 
 
 def fit_allocator_margin(rows: Sequence[Row]) -> float | None:
@@ -407,6 +390,32 @@ def swallow_plan(eff: C.Efficiency = C.EFFICIENCY, overheads: C.Overheads = C.OV
                      nodes=hw.nodes, gpus_per_node=hw.gpus_per_node, tokens=run.tokens)
     label = f"{best.layout.short()} mbs={best.micro_batch_size}"
     return label, plan.tokens_per_s / hw.world, plan.duration_days
+
+
+def swallow_time_to_train(eff: C.Efficiency = C.EFFICIENCY) -> dict[str, float | str]:
+    """Ideal, planned and expected days of the Swallow run (Llama 3's failure rate), and the failure rate
+    that would close the gap to the published 16 days on its own."""
+    from memory_predictor.models import load_model
+    from memory_predictor.plan import make_plan
+    from memory_predictor.search import search
+
+    run = SWALLOW
+    hw = hardware("h100-80gb", nodes=run.nodes)
+    best = search(load_model(run.model), run.seq, run.gbs, hw, Options(), eff=eff).best
+    if best is None or best.step is None:
+        return {"layout": "no layout fits"}
+    plan = make_plan(step_time_s=best.step.step_time_s, global_batch=run.gbs, seq_length=run.seq, nodes=hw.nodes,
+                     gpus_per_node=hw.gpus_per_node, tokens=run.tokens)
+    it = plan.interruptions
+    # expected = planned / (1 - rate x GPUs x cost / 3600) = published  ->  rate
+    needed = (1 - plan.duration_s / (run.days * 86400)) * 3600 / (hw.world * it.cost_per_failure_s)
+    return {"layout": f"{best.layout.short()} mbs={best.micro_batch_size}", "step_time_s": plan.step_time_s,
+            "ideal_days": plan.ideal_days, "planned_days": plan.duration_days, "expected_days": plan.expected_days,
+            "expected_failures": it.expected_failures, "mtbf_days": (it.mtbf_hours or 0) / 24,
+            "cost_per_failure_min": it.cost_per_failure_s / 60, "checkpoint_stall_hours": it.checkpoint_stalls_s / 3600,
+            "job_starts": it.job_starts, "suggested_interval_min": (it.suggested_interval_s or 0) / 60,
+            "rate": it.failures_per_gpu_hour, "rate_to_explain_published": needed,
+            "published_days": run.days}
 
 
 # --------------------------------------------------------------------------- report
@@ -491,6 +500,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\nTime to train, Llama 3.3 Swallow 70B (314B tokens, 256 H100, seq {SWALLOW.seq}, gbs {SWALLOW.gbs}): "
           f"plan {days:.1f} days ({per_gpu:.0f} tokens/s/GPU, {label}) vs {SWALLOW.days:.0f} days published "
           f"({days / SWALLOW.days - 1:+.0%})")
+    t = swallow_time_to_train()
+    print(f"  with failures (Llama 3's {t['rate']:.3g} per GPU-hour, MTBF {t['mtbf_days']:.1f} days on 256 GPUs, "
+          f"{t['cost_per_failure_min']:.0f} min per failure): ideal {t['ideal_days']:.2f} days, planned "
+          f"{t['planned_days']:.2f} (+ {t['job_starts']} job starts, {t['checkpoint_stall_hours']:.1f} h of checkpoint "
+          f"stalls), expected {t['expected_days']:.2f} ({t['expected_failures']:.1f} failures) vs {SWALLOW.days:.0f} "
+          f"published; failures alone would need {t['rate_to_explain_published']:.2g} per GPU-hour "
+          f"({t['rate_to_explain_published'] / t['rate']:.0f}x Llama 3's) to explain it")
     if args.fit:
         eff = fit_efficiency(rows)
         margin = fit_allocator_margin(rows)

@@ -7,8 +7,12 @@
   and record the top-k alternatives with their breakdowns in ``layout_search.json``;
 * a manual layout predicted not to fit is refused (ConfigError: the breakdown and the best
   layout that fits) unless ``parallelism.allow_oom=true``;
-* every run gets ``prediction.json`` (breakdown and throughput of the layout it runs), which
-  the benchmark sweep puts next to the measured numbers.
+* every run gets ``prediction.json`` (breakdown and throughput of the layout it runs, and the
+  predictor's inputs, the plan's inputs and the calibration used, so that ``python -m
+  memory_predictor calibrate`` and ``report`` can re-predict it), which the benchmark sweep puts
+  next to the measured numbers, and ``plan.html``, the plan page (memory_predictor.report_html);
+* ``cluster.calibration`` (a file written by ``python -m memory_predictor calibrate``) replaces the
+  shipped efficiencies and overheads for this cluster type in all of the above.
 
 CPU (gloo) runs are predicted with the CPU trainer's eager kernels; their memory is host RAM,
 so the fit check is skipped unless ``parallelism.memory_gib`` is set.
@@ -17,21 +21,30 @@ so the fit check is skipped unless ``parallelism.memory_gib`` is set.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import replace
+from typing import Any
 
-from configs.derived import derived_dp
+from configs.derived import derived_dp, parse_time_limit, train_steps
 from configs.errors import ConfigError, Problem
 from configs.schema import RootConfig
 from configs.validate import validate
-from memory_predictor.cli import evaluation_json
+from memory_predictor import constants as C
+from memory_predictor.calibration import Calibration, read_calibration
 from memory_predictor.constants import GIB
 from memory_predictor.errors import PredictorError
+from memory_predictor.failures import FailureModel
 from memory_predictor.kernels import choose_kernels
+from memory_predictor.records import evaluation_json
+from memory_predictor.report import plan_inputs_json, run_page_data
+from memory_predictor.report_html import render_page
+from memory_predictor.runs import inputs_json
 from memory_predictor.search import SearchResult, search
 from memory_predictor.spec import Hardware, Layout, ModelSpec, Options, TrainSpec, hardware
 
 PREDICTION_FILE = "prediction.json"
 SEARCH_FILE = "layout_search.json"
+REPORT_FILE = "plan.html"
 
 
 def model_spec(root: RootConfig) -> ModelSpec:
@@ -48,11 +61,30 @@ def options(root: RootConfig) -> Options:
     par, c = root.parallelism, root.cluster
     te = bool(c.transformer_engine) if c.transformer_engine is not None else c.gpu_type != "cpu"
     k = choose_kernels(c.gpu_type, transformer_engine=te)
-    return Options(precision=root.training.precision, overlap_grad_reduce=par.overlap_grad_reduce,
-                   overlap_param_gather=par.overlap_param_gather, usable_fraction=par.usable_memory_fraction,
-                   tp_comm_overlap=par.tp_comm_overlap and k.transformer_engine, flash_attention=k.flash_attention,
-                   fused_norm=k.transformer_engine, fused_swiglu=k.fused_swiglu,
-                   gradient_accumulation_fusion=k.gradient_accumulation_fusion)
+    return Options.from_kernels(k.as_dict(), precision=root.training.precision,
+                                overlap_grad_reduce=par.overlap_grad_reduce,
+                                overlap_param_gather=par.overlap_param_gather, tp_comm_overlap=par.tp_comm_overlap,
+                                usable_fraction=par.usable_memory_fraction)
+
+
+def calibration(root: RootConfig) -> Calibration | None:
+    """``cluster.calibration``, read and checked against the cluster type (ConfigError naming the field)."""
+    path = root.cluster.calibration
+    if not path:
+        return None
+    try:
+        cal = read_calibration(path)
+    except PredictorError as exc:
+        raise ConfigError([Problem("cluster.calibration", path, p.fix) for p in exc.problems]) from None
+    problems = cal.problems_for(root.cluster.gpu_type, "cluster.gpu_type")
+    if problems:
+        raise ConfigError([Problem("cluster.calibration", path, problems[0].fix)])
+    return cal
+
+
+def constants(root: RootConfig) -> tuple[C.Efficiency, C.Overheads]:
+    cal = calibration(root)
+    return (cal.efficiency(), cal.overheads()) if cal else (C.EFFICIENCY, C.OVERHEADS)
 
 
 def device(root: RootConfig) -> Hardware:
@@ -71,9 +103,38 @@ def layout_of(root: RootConfig) -> tuple[Layout, TrainSpec]:
 
 
 def search_layouts(root: RootConfig) -> SearchResult:
+    eff, overheads = constants(root)
     return search(model_spec(root), root.training.seq_length, root.training.global_batch_size, device(root),
                   options(root), max_mbs=max(8, root.training.micro_batch_size),
-                  cpu_trainer=root.cluster.gpu_type == "cpu")
+                  cpu_trainer=root.cluster.gpu_type == "cpu", eff=eff, overheads=overheads)
+
+
+def prediction_record(root: RootConfig, layout: Layout, train: TrainSpec) -> dict[str, Any]:
+    """``prediction.json``: the prediction of the layout this run uses, and what rebuilds it (the
+    predictor's inputs, the plan's inputs, the calibration) for ``memory_predictor calibrate/report``."""
+    model, opts, hw = model_spec(root), options(root), device(root)
+    cal = calibration(root)
+    eff, overheads = (cal.efficiency(), cal.overheads()) if cal else (C.EFFICIENCY, C.OVERHEADS)
+    record = evaluation_json(model, train, layout, opts, hw, eff=eff, overheads=overheads)
+    ckpt = root.checkpoint
+    job_hours = (parse_time_limit(root.cluster.time_limit) or 48 * 3600) / 3600.0
+    record["inputs"] = inputs_json(model, train, layout, opts, hw)
+    record["plan_inputs"] = plan_inputs_json(
+        steps=train_steps(root), price_per_node_hour=root.cluster.price_per_node_hour,
+        checkpoint_interval_steps=ckpt.save_interval if ckpt.enabled and ckpt.save_interval > 0 else None,
+        job_hours=job_hours, failures=FailureModel.for_device(
+            root.cluster.gpu_type, detection_step_factor=root.resilience.step_factor,
+            detection_floor_s=root.resilience.floor_s))
+    record["calibration"] = {"source": root.cluster.calibration, **cal.as_dict()} if cal else None
+    return record
+
+
+def run_files(root: RootConfig, layout: Layout, train: TrainSpec) -> tuple[dict[str, str], dict[str, Any]]:
+    """(``prediction.json`` and ``plan.html``, the prediction) for a run of this layout."""
+    record = prediction_record(root, layout, train)
+    page = render_page(run_page_data(record, run_dir="<run dir>", run_name=root.run_name, generated=time.strftime(
+        "generated %Y-%m-%d %H:%M UTC at launch", time.gmtime())))
+    return {PREDICTION_FILE: json.dumps(record, indent=2) + "\n", REPORT_FILE: page}, record
 
 
 def with_layout(root: RootConfig, layout: Layout, train: TrainSpec) -> RootConfig:
@@ -111,24 +172,25 @@ def _resolve_auto(root: RootConfig) -> tuple[RootConfig, dict[str, str], list[st
     chosen = with_layout(root, best.layout, best.train)
     validate(chosen)  # the trainer's own rules, on the explicit layout
     model, opts = model_spec(root), options(root)
-    alternatives = [evaluation_json(model, c.train, c.layout, opts, hw) for c in result.ranked[: root.parallelism.top_k]]
+    eff, overheads = constants(root)
+    alternatives = [evaluation_json(model, c.train, c.layout, opts, hw, eff=eff, overheads=overheads)
+                    for c in result.ranked[: root.parallelism.top_k]]
     record = {"mode": "auto", "chosen": alternatives[0], "alternatives": alternatives[1:],
               "evaluated": result.evaluated, "fitting": len(result.ranked), "rejected_memory": result.rejected_memory,
               "usable_bytes": result.usable_bytes}
-    step = alternatives[0]
+    files, step = run_files(chosen, best.layout, best.train)
     message = (f"parallelism=auto: {best.layout.short()} mbs={best.micro_batch_size} "
                f"(predicted peak {step['peak_gib']:.1f} GiB/GPU, {step['tokens_per_s']:,.0f} tokens/s; "
-               f"best of {len(result.ranked)} that fit, {root.parallelism.top_k} recorded in {SEARCH_FILE})")
-    return chosen, {SEARCH_FILE: json.dumps(record, indent=2) + "\n",
-                    PREDICTION_FILE: json.dumps(step, indent=2) + "\n"}, [message]
+               f"best of {len(result.ranked)} that fit, {root.parallelism.top_k} recorded in {SEARCH_FILE}"
+               + (f"; calibrated by {root.cluster.calibration}" if root.cluster.calibration else "") + ")")
+    return chosen, {SEARCH_FILE: json.dumps(record, indent=2) + "\n", **files}, [message]
 
 
 def _check_manual(root: RootConfig) -> tuple[RootConfig, dict[str, str], list[str]]:
 
     layout, train = layout_of(root)
-    model, opts, hw = model_spec(root), options(root), device(root)
-    prediction = evaluation_json(model, train, layout, opts, hw)
-    files = {PREDICTION_FILE: json.dumps(prediction, indent=2) + "\n"}
+    opts, hw = options(root), device(root)
+    files, prediction = run_files(root, layout, train)
     if prediction["fits"]:
         return root, files, []
     peak = prediction["breakdown"]["peak"]

@@ -3,6 +3,7 @@
     python -m launcher sweep --nodes 1,2,4 --top-k 3 --steps 20 -- config=llama3_70b_p5
     python -m launcher sweep --points 1x1,1x2 --top-k 2 --steps 6 -- config=tiny_local cluster=slurm ...
     python -m launcher sweep --report <sweep dir>        # (re)build the report of a finished sweep
+    python -m launcher sweep ... --calibrate [FILE]      # and fit this cluster's calibration from the runs
 
 For every scale point (``--nodes`` N, or ``--points`` NODESxPROCS to emulate several node
 counts with processes per node on one machine) the predictor ranks every layout that fits;
@@ -12,15 +13,16 @@ With ``--wait`` (the default) the sweep waits for them, then reads each run's lo
 per-step ``step_time_s`` / ``tokens_per_s`` lines (median after ``--skip`` warm-up steps)
 and the final ``memory:`` line -- and writes ``report.json``, ``report.md`` and
 ``scaling.png`` (throughput and scaling efficiency vs GPUs, predicted and measured; needs
-matplotlib) into the sweep directory.
+matplotlib) into the sweep directory. With ``--calibrate`` it then refits the predictor's
+efficiencies and memory overheads to the sweep's runs (``python -m memory_predictor calibrate``)
+and writes ``cluster_calibration.yaml`` (or FILE): the plan for the long run then uses what this
+cluster measured (``cluster.calibration=FILE``, ``plan --calibration FILE``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
-import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -31,8 +33,7 @@ from launcher.rundir import read_job_record
 
 SWEEP_FILE = "sweep.json"
 REPORT_JSON, REPORT_MD, SCALING_PNG = "report.json", "report.md", "scaling.png"
-_MEMORY = re.compile(r"^memory: kind=(\S+) max_peak_allocated_bytes=(\d+) max_peak_reserved_bytes=(\d+)")
-_TASK_LABEL = re.compile(r"^\d+: ")  # srun --label prefixes each line with the task id
+CALIBRATION_FILE = "cluster_calibration.yaml"
 GIB = 1024**3
 
 
@@ -48,11 +49,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-wait", action="store_true", help="submit and return; build the report later with --report")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the runs")
     parser.add_argument("--report", metavar="SWEEP_DIR", help="only (re)build the report of this sweep")
+    parser.add_argument("--calibrate", nargs="?", const="", default=None, metavar="FILE",
+                        help=f"after the report, fit this cluster's calibration to the sweep's runs and write it "
+                             f"(default: <sweep dir>/{CALIBRATION_FILE})")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.report:
-        return _report_cmd(Path(args.report), args.skip, wait=not args.no_wait, timeout=args.timeout)
+        return _report_cmd(Path(args.report), args.skip, wait=not args.no_wait, timeout=args.timeout,
+                           calibrate=args.calibrate)
     from configs.errors import ConfigError
 
     try:
@@ -63,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     if args.no_wait:
         console.info(f"sweep submitted: {sweep_dir}\n  report: python -m launcher sweep --report {sweep_dir}")
         return 0
-    return _report_cmd(sweep_dir, args.skip, wait=True, timeout=args.timeout)
+    return _report_cmd(sweep_dir, args.skip, wait=True, timeout=args.timeout, calibrate=args.calibrate)
 
 
 def parse_points(args: argparse.Namespace, gpus_per_node: int) -> list[tuple[int, int]]:
@@ -167,24 +172,15 @@ def wait_for(run_dirs: list[Path], timeout: float) -> dict[Path, dict[str, Any]]
 
 def measure(run_dir: Path, skip: int) -> dict[str, Any]:
     """Median step time / tokens/s / TFLOP/s after ``skip`` steps, and the peak-memory line."""
-    from launcher.jobs import log_files
-    from trainer.metrics import parse_step_line
+    from memory_predictor.runs import measure_run
 
-    record = read_job_record(run_dir)
-    text = "\n".join(p.read_text(errors="replace") for p in log_files(run_dir, record) if p.exists())
-    lines = [_TASK_LABEL.sub("", line.strip()) for line in text.splitlines()]
-    steps = [m for m in (parse_step_line(line) for line in lines) if m is not None]
-    kept = [m for m in steps if m.step > skip] or steps
-    out: dict[str, Any] = {"state": record.get("state"), "steps_logged": len(steps)}
-    if kept:
-        out.update(step_time_s=statistics.median(m.step_time_s for m in kept),
-                   tokens_per_s=statistics.median(m.tokens_per_s for m in kept),
-                   tflops_per_gpu=statistics.median(m.tflops_per_gpu for m in kept))
-    for line in lines:
-        match = _MEMORY.match(line)
-        if match:
-            out.update(memory_kind=match.group(1), peak_allocated_bytes=int(match.group(2)),
-                       peak_reserved_bytes=int(match.group(3)))
+    m = measure_run(run_dir, skip)
+    out: dict[str, Any] = {"state": read_job_record(run_dir).get("state"), "steps_logged": m.steps_logged}
+    if m.step_time_s is not None:
+        out.update(step_time_s=m.step_time_s, tokens_per_s=m.tokens_per_s, tflops_per_gpu=m.tflops_per_gpu)
+    if m.memory_kind is not None:
+        out.update(memory_kind=m.memory_kind, peak_allocated_bytes=m.peak_allocated_bytes,
+                   peak_reserved_bytes=m.peak_reserved_bytes)
     return out
 
 
@@ -300,7 +296,7 @@ def write_scaling_plot(path: Path, scaling: list[dict[str, Any]]) -> str | None:
     return str(path)
 
 
-def _report_cmd(sweep_dir: Path, skip: int, *, wait: bool, timeout: float) -> int:
+def _report_cmd(sweep_dir: Path, skip: int, *, wait: bool, timeout: float, calibrate: str | None = None) -> int:
     if not (sweep_dir / SWEEP_FILE).exists():
         console.error(f"{sweep_dir} is not a sweep directory (no {SWEEP_FILE}); start one with `python -m launcher sweep`")
         return 2
@@ -316,4 +312,35 @@ def _report_cmd(sweep_dir: Path, skip: int, *, wait: bool, timeout: float) -> in
     console.info(f"report: {sweep_dir / REPORT_MD}, {sweep_dir / REPORT_JSON}"
                  + (f", {report['plot']}" if report.get("plot") else " (no scaling plot: matplotlib missing)"))
     done = all(r["measured"].get("state") == "COMPLETED" for r in report["runs"])
-    return 0 if done else 1
+    if calibrate is None:
+        console.info(f"calibrate the predictor to these runs: python -m launcher sweep --report {sweep_dir} --calibrate"
+                     f" (or python -m memory_predictor calibrate --runs {sweep_dir})")
+        return 0 if done else 1
+    calibrated = write_calibration(sweep_dir, skip, Path(calibrate) if calibrate else sweep_dir / CALIBRATION_FILE)
+    return 0 if done and calibrated else 1
+
+
+def write_calibration(sweep_dir: Path, skip: int, out: Path) -> bool:
+    """Fit the cluster calibration to the sweep's runs (memory_predictor.calibrate) and write it."""
+    from memory_predictor.calibration import calibration_yaml
+    from memory_predictor.cli_runs import calibrate_runs, result_table
+    from memory_predictor.errors import PredictorError
+
+    try:
+        result, skipped = calibrate_runs([str(sweep_dir)], skip=skip)
+        out.write_text(calibration_yaml(result.calibration, f"written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+                                        f" by python -m launcher sweep from {sweep_dir} (skip {skip} warm-up steps)"))
+    except PredictorError as exc:
+        console.error(f"calibration failed: {exc}")
+        return False
+    except OSError as exc:
+        console.error(f"calibration: cannot write {out}: {exc.strerror or exc}")
+        return False
+    console.info(result_table(result))
+    for line in skipped:
+        console.error(f"left out of the calibration: {line}")
+    gpu = result.calibration.gpu_type
+    console.info(f"calibration: {out} (gpu_type {gpu}). The plan for the long run, with what this cluster measured:\n"
+                 f"  python -m memory_predictor plan ... --gpu {gpu} --calibration {out}\n"
+                 f"  python -m launcher ... cluster.calibration={out}")
+    return True

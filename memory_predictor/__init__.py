@@ -6,8 +6,11 @@ hydra imports, so ``python -m memory_predictor`` answers in well under a second.
 * ``memory.predict_memory``    breakdown of the first, a middle and the last stage, and the peak
 * ``throughput.predict_step``  step time, tokens/s, TFLOP/s per GPU, MFU
 * ``search.search``            every valid layout of a cluster that fits, ranked by throughput
-* ``plan.make_plan``           duration, GPU-hours, cost and a schedule of Slurm jobs
-* ``cli``                      ``evaluate | search | plan`` (docs/memory_predictor.md)
+* ``plan.make_plan``           ideal, planned and expected duration (``failures``), GPU-hours, cost, a
+                               schedule of Slurm jobs and its milestones
+* ``calibration``              a cluster's own efficiencies and overheads, fitted to its runs (``runs``)
+* ``report`` / ``report_html`` the self-contained plan page
+* ``cli``                      ``evaluate | search | plan | calibrate | report`` (docs/memory_predictor.md)
 
 Every assumed or calibrated number lives in ``constants`` with its source.
 """

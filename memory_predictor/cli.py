@@ -1,7 +1,8 @@
-"""``python -m memory_predictor evaluate | search | plan``: the command line (a stable interface).
+"""``python -m memory_predictor evaluate | search | plan | calibrate | report``: the command line (a stable interface).
 
 Exit status: 0 success; 1 ``evaluate`` of a layout that does not fit, or ``search``/``plan``
 with no layout that fits; 2 bad input (one line per problem: field, value, fix).
+``calibrate`` and ``report`` read run directories (memory_predictor.cli_runs).
 Keep heavy imports (torch, megatron, hydra, omegaconf) out of this path: ``search`` for a
 70B model on 1024 GPUs must answer in under a second including interpreter start.
 """
@@ -13,13 +14,17 @@ import json
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from memory_predictor import constants as C
 from memory_predictor.errors import PredictorError, Problem, raise_if
 from memory_predictor.models import load_model
+from memory_predictor.records import evaluation_json, hardware_json, layout_json
 from memory_predictor.spec import GPU_NAMES, PRECISIONS, RECOMPUTE, Hardware, Layout, ModelSpec, Options, TrainSpec, \
     hardware, layout_problems
+
+if TYPE_CHECKING:
+    from memory_predictor.calibration import Calibration
 
 EXIT_OK, EXIT_NO_FIT, EXIT_INPUT = 0, 1, 2
 
@@ -60,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", required=True, help="a configs/model name (e.g. llama3.1_8b) or a Hugging Face config.json")
     gpu = common.add_mutually_exclusive_group(required=True)
-    gpu.add_argument("--gpu", help=f"GPU type: {', '.join(GPU_NAMES)}")
+    gpu.add_argument("--gpu", help=f"GPU type: {', '.join(GPU_NAMES)}, or cpu (this project's CPU trainer over gloo)")
     gpu.add_argument("--gpu-memory-gib", type=float, help="any GPU by its memory (H100 peak and bandwidths assumed)")
     common.add_argument("--gpus-per-node", type=int, default=8)
     common.add_argument("--seq", type=int, required=True, help="sequence length")
@@ -76,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--usable-fraction", type=float, default=C.DEFAULT_USABLE_FRACTION,
                         help=f"safety rule: a layout fits when its predicted peak <= this x GPU memory "
                              f"(default {C.DEFAULT_USABLE_FRACTION})")
+    common.add_argument("--calibration", metavar="FILE",
+                        help="a cluster calibration (python -m memory_predictor calibrate) for this GPU type")
     common.add_argument("--json", action="store_true", help="machine-readable output")
 
     ev = sub.add_parser("evaluate", parents=[common], help="memory breakdown and throughput of one layout")
@@ -109,12 +116,42 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--checkpoint-every-steps", type=int, help="default: about one checkpoint per hour")
     plan.add_argument("--job-hours", type=float, default=48.0, help="Slurm time limit of one job (segment length)")
     plan.add_argument("--plot", help="schedule plot: .png/.svg (matplotlib) or .html (no dependencies)")
+    plan.add_argument("--failures-per-gpu-hour", type=float, default=C.FAILURES_PER_GPU_HOUR,
+                      help=f"interruptions per GPU-hour (default {C.FAILURES_PER_GPU_HOUR:.3g}: Llama 3's "
+                           f"{C.LLAMA3_UNEXPECTED_INTERRUPTIONS} unexpected interruptions in {C.LLAMA3_SNAPSHOT_DAYS} days "
+                           f"on {C.LLAMA3_GPUS} H100; 0 = no failures)")
+    plan.add_argument("--detection-s", type=float,
+                      help="seconds to notice a failure (default: the hang watchdog's max(10 x step, 300 s))")
+    plan.add_argument("--restart-s", type=float,
+                      help=f"seconds to restart and reload the checkpoint, per failure and per job (default "
+                           f"{C.RESTART_OVERHEAD_S:g}; {C.CPU_RESTART_S:g} with --gpu cpu)")
+    plan.add_argument("--checkpoint-stall-s", type=float,
+                      help=f"seconds training stalls per checkpoint save (default {C.CHECKPOINT_STALL_S:g}; "
+                           f"{C.CPU_CHECKPOINT_STALL_S:g} with --gpu cpu)")
+    plan.add_argument("--report", metavar="HTML", help="write the plan page: one self-contained .html file")
+
+    cal = sub.add_parser("calibrate", help="refit this cluster's efficiencies and memory overheads from finished runs")
+    cal.add_argument("--runs", action="append", required=True, metavar="DIR",
+                     help="a runs root, a sweep directory or a run directory (repeatable)")
+    cal.add_argument("--out", default="cluster_calibration.yaml", help="where to write it (default: %(default)s)")
+    cal.add_argument("--hold-out", metavar="NAMES", help="comma-separated run names (or prefixes) to evaluate, not fit")
+    cal.add_argument("--gpu-type", help="use only the runs of this GPU type (needed when the runs mix types)")
+    cal.add_argument("--skip", type=int, default=2, help="warm-up steps left out of the medians (default 2)")
+    cal.add_argument("--calibration", metavar="FILE", help="start from this calibration instead of the shipped constants")
+    cal.add_argument("--json", action="store_true", help="machine-readable output")
+
+    rep = sub.add_parser("report", help="the plan page of a run directory, with predicted vs measured")
+    rep.add_argument("--run", required=True, metavar="DIR", help="a run directory (holding prediction.json)")
+    rep.add_argument("--out", required=True, metavar="HTML", help="the page to write (e.g. <run dir>/plan.html)")
+    rep.add_argument("--skip", type=int, default=2, help="warm-up steps left out of the medians (default 2)")
     return parser
 
 
 def _options(args: argparse.Namespace) -> Options:
     if not 0 < args.usable_fraction <= 1:
         raise PredictorError([Problem("usable_fraction", args.usable_fraction, "must be in (0, 1], e.g. 0.94")])
+    if args.gpu == "cpu":
+        return Options.cpu_trainer(precision=args.precision, usable_fraction=args.usable_fraction)
     return Options(precision=args.precision, flash_attention=not args.no_flash_attention,
                    fused_swiglu=args.fused_swiglu, tp_comm_overlap=args.tp_comm_overlap,
                    gradient_accumulation_fusion=args.gradient_accumulation_fusion,
@@ -130,36 +167,15 @@ def _hardware(args: argparse.Namespace, nodes: int) -> Hardware:
     return hardware(args.gpu, memory_gib=args.gpu_memory_gib, nodes=nodes, gpus_per_node=args.gpus_per_node)
 
 
-def layout_json(layout: Layout, train: TrainSpec) -> dict[str, Any]:
-    return {"tp": layout.tp, "pp": layout.pp, "vpp": layout.vpp, "cp": layout.cp, "dp": layout.dp,
-            "mbs": train.micro_batch_size, "sequence_parallel": layout.sp, "recompute": layout.recompute,
-            "distributed_optimizer": layout.distributed_optimizer,
-            "micro_batches": train.global_batch_size // (layout.dp * train.micro_batch_size)}
+def _constants(args: argparse.Namespace, hw: Hardware) -> tuple[C.Efficiency, C.Overheads, Calibration | None]:
+    """The shipped constants, or this cluster's calibration (--calibration) applied to them."""
+    if not args.calibration:
+        return C.EFFICIENCY, C.OVERHEADS, None
+    from memory_predictor.calibration import read_calibration
 
-
-def hardware_json(hw: Hardware) -> dict[str, Any]:
-    return {"gpu": hw.gpu, "memory_bytes": hw.memory_bytes, "memory_gib": hw.memory_bytes / C.GIB,
-            "peak_tflops": hw.peak_tflops, "nodes": hw.nodes, "gpus_per_node": hw.gpus_per_node, "note": hw.note}
-
-
-def evaluation_json(model: ModelSpec, train: TrainSpec, layout: Layout, opts: Options, hw: Hardware) -> dict[str, Any]:
-    """Everything ``evaluate --json`` prints (also what the launcher records in a run directory)."""
-    from memory_predictor.search import evaluate
-
-    report, step = evaluate(model, train, layout, opts, hw)
-    stages = {"first": report.first, "middle": report.middle, "last": report.last, "peak": report.peak}
-    return {
-        "model": model.name, "hardware": hardware_json(hw), "layout": layout_json(layout, train),
-        "seq_length": train.seq_length, "global_batch_size": train.global_batch_size,
-        "peak_bytes": report.peak_bytes, "peak_gib": report.peak_bytes / C.GIB, "peak_stage": report.peak.stage,
-        "fits": report.fits, "usable_fraction": opts.usable_fraction, "usable_bytes": report.usable_bytes,
-        "memory_fraction": report.fraction,
-        "tflops_per_gpu": step.tflops_per_gpu, "mfu": step.mfu, "tokens_per_s": step.tokens_per_s,
-        "step_time_s": step.step_time_s,
-        "breakdown": {name: (s.as_dict() if s is not None else None) for name, s in stages.items()},
-        "activation_bytes_per_layer": dict(report.layer.items),
-        "throughput": step.as_dict(),
-    }
+    cal = read_calibration(args.calibration)
+    raise_if(cal.problems_for(hw.gpu, "gpu"))
+    return cal.efficiency(), cal.overheads(), cal
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -178,8 +194,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                     sequence_parallel=not args.no_sequence_parallel, recompute=args.recompute,
                     recompute_num_layers=args.recompute_num_layers,
                     distributed_optimizer=not args.no_distributed_optimizer)
-    raise_if(layout_problems(model, train, layout, hw))
-    out = evaluation_json(model, train, layout, opts, hw)
+    raise_if(layout_problems(model, train, layout, hw, cpu_trainer=hw.gpu == "cpu"))
+    eff, overheads, _ = _constants(args, hw)
+    out = evaluation_json(model, train, layout, opts, hw, eff=eff, overheads=overheads)
     if args.json:
         print(json.dumps(out, indent=2))
     else:
@@ -192,7 +209,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def _search(args: argparse.Namespace):
     from memory_predictor.search import search
 
-    for flag in ("heatmap", "plot"):
+    for flag in ("heatmap", "plot", "report"):
         if getattr(args, flag, None):  # an unwritable output fails before the search, not after it
             from memory_predictor import render
 
@@ -203,24 +220,28 @@ def _search(args: argparse.Namespace):
     model = load_model(args.model)
     opts = _options(args)
     hw = _hardware(args, args.nodes)
+    eff, overheads, _ = _constants(args, hw)
     result = search(model, args.seq, args.gbs, hw, opts, recompute=args.recompute,
                     distributed_optimizer=(False,) if args.no_distributed_optimizer else (True, False),
-                    max_mbs=args.max_mbs, micro_batches=args.mbs)
+                    max_mbs=args.max_mbs, micro_batches=args.mbs, cpu_trainer=hw.gpu == "cpu", eff=eff,
+                    overheads=overheads)
     if args.heatmap:
         from memory_predictor import render
         from memory_predictor.search import heatmap_rows
 
         mbs = tuple(args.mbs or [b for b in (1, 2, 4, 8, 16) if b <= max(args.max_mbs, 1)])
-        rows = heatmap_rows(model, result, opts, hw, micro_batches=mbs)
+        rows = heatmap_rows(model, result, opts, hw, micro_batches=mbs, overheads=overheads)
         render.write_heatmap(args.heatmap, rows, mbs, opts.usable_fraction,
                              title=f"{model.name} on {hw.nodes} x {hw.gpus_per_node} {hw.gpu}, seq {args.seq}, gbs {args.gbs}")
     return model, opts, hw, result
 
 
-def _ranked_json(model: ModelSpec, opts: Options, hw: Hardware, result: Any, top: int) -> list[dict[str, Any]]:
+def _ranked_json(args: argparse.Namespace, model: ModelSpec, opts: Options, hw: Hardware, result: Any,
+                 top: int) -> list[dict[str, Any]]:
+    eff, overheads, _ = _constants(args, hw)
     out = []
     for rank, cand in enumerate(result.ranked[:top], start=1):
-        entry = evaluation_json(model, cand.train, cand.layout, opts, hw)
+        entry = evaluation_json(model, cand.train, cand.layout, opts, hw, eff=eff, overheads=overheads)
         entry = {"rank": rank, **entry["layout"], **{k: v for k, v in entry.items() if k not in ("layout", "model", "hardware")}}
         out.append(entry)
     return out
@@ -237,7 +258,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     out = {"model": model.name, "hardware": hardware_json(hw), "seq_length": args.seq, "global_batch_size": args.gbs,
            "usable_fraction": opts.usable_fraction, "usable_bytes": result.usable_bytes,
            "evaluated": result.evaluated, "fitting": len(result.ranked), "rejected_memory": result.rejected_memory,
-           "layouts": _ranked_json(model, opts, hw, result, args.top)}
+           "layouts": _ranked_json(args, model, opts, hw, result, args.top)}
     if args.json:
         print(json.dumps(out, indent=2))
     else:
@@ -251,6 +272,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from memory_predictor.failures import FailureModel
     from memory_predictor.plan import make_plan
 
     model, opts, hw, result = _search(args)
@@ -260,25 +282,33 @@ def cmd_plan(args: argparse.Namespace) -> int:
     best = result.ranked[0]
     if best.step is None:  # search() times every layout it keeps
         raise RuntimeError("the best layout has no step time")
+    failures = FailureModel.for_device(hw.gpu, failures_per_gpu_hour=args.failures_per_gpu_hour,
+                                       detection_s=args.detection_s, restart_s=args.restart_s,
+                                       checkpoint_stall_s=args.checkpoint_stall_s)
     plan = make_plan(step_time_s=best.step.step_time_s, global_batch=args.gbs, seq_length=args.seq, nodes=hw.nodes,
                      gpus_per_node=hw.gpus_per_node, tokens=args.tokens, steps=args.steps,
                      price_per_node_hour=args.price_per_node_hour, checkpoint_interval_steps=args.checkpoint_every_steps,
-                     job_hours=args.job_hours)
-    ranked = _ranked_json(model, opts, hw, result, args.top)
+                     job_hours=args.job_hours, failures=failures)
+    ranked = _ranked_json(args, model, opts, hw, result, args.top)
     out = {"model": model.name, "hardware": hardware_json(hw), "seq_length": args.seq, "global_batch_size": args.gbs,
            "best": ranked[0], "alternatives": ranked[1:],
            "tokens": plan.tokens, "steps": plan.steps, "step_time_s": plan.step_time_s,
            "tokens_per_s": plan.tokens_per_s, "tflops_per_gpu": best.step.tflops_per_gpu, "mfu": best.step.mfu,
+           "ideal_s": plan.ideal_s, "ideal_days": plan.ideal_days,
            "duration_s": plan.duration_s, "duration_days": plan.duration_days,
-           "gpu_hours": plan.gpu_hours, "node_hours": plan.node_hours,
-           "price_per_node_hour": plan.price_per_node_hour, "cost": plan.cost,
+           "expected_s": plan.expected_s, "expected_days": plan.expected_days,
+           "gpu_hours": plan.gpu_hours, "node_hours": plan.node_hours, "expected_gpu_hours": plan.expected_gpu_hours,
+           "price_per_node_hour": plan.price_per_node_hour, "cost": plan.cost, "expected_cost": plan.expected_cost,
            "checkpoint_interval_steps": plan.checkpoint_interval_steps, "job_hours": plan.job_hours,
+           "interruptions": plan.interruptions.as_dict(), "milestones": [asdict(m) for m in plan.milestones],
            "schedule": [asdict(phase) for phase in plan.phases]}
     if args.plot:
         from memory_predictor import render
 
         render.write_schedule_plot(args.plot, plan, title=f"{model.name}: {plan.tokens:.3g} tokens on "
                                    f"{hw.nodes} x {hw.gpus_per_node} {hw.gpu}")
+    if args.report:
+        _write_plan_page(args, model, opts, hw, best, plan)
     if args.json:
         print(json.dumps(out, indent=2))
     else:
@@ -288,7 +318,39 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"evaluate": cmd_evaluate, "search": cmd_search, "plan": cmd_plan}
+def _write_plan_page(args: argparse.Namespace, model: ModelSpec, opts: Options, hw: Hardware, best: Any,
+                     plan: Any) -> None:
+    import time
+
+    from memory_predictor import render
+    from memory_predictor.report import layout_space, page_data
+    from memory_predictor.report_html import render_page
+    from memory_predictor.runs import RunInputs
+
+    eff, overheads, cal = _constants(args, hw)
+    inputs = RunInputs(model=model, train=best.train, layout=best.layout, opts=opts, hw=hw)
+    space = layout_space(inputs, eff=eff, overheads=overheads, max_mbs=args.max_mbs, recompute=args.recompute)
+    data = page_data(inputs, title=f"Plan: {model.name}, {plan.tokens:.3g} tokens", plan=plan, space=space, eff=eff,
+                     overheads=overheads, calibration=cal, calibration_source=args.calibration,
+                     generated=time.strftime("generated %Y-%m-%d %H:%M UTC by python -m memory_predictor plan",
+                                             time.gmtime()))
+    render.write_text(args.report, render_page(data))
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from memory_predictor.cli_runs import calibrate
+
+    return calibrate(args)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from memory_predictor.cli_runs import report
+
+    return report(args)
+
+
+COMMANDS = {"evaluate": cmd_evaluate, "search": cmd_search, "plan": cmd_plan, "calibrate": cmd_calibrate,
+            "report": cmd_report}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -40,6 +40,9 @@ class Overheads:
     cuda_context_bytes: int
     #: NCCL buffers per communicator that carries traffic, outside PyTorch's allocator.
     nccl_bytes_per_communicator: int
+    #: Host memory of one CPU (gloo) training process besides the model (Python, torch,
+    #: megatron-core): what a CPU run's max RSS shows on top of the model's bytes.
+    host_process_bytes: int = 435 * 10**6
 
 
 #: Allocator margin 5%: fitted (0.051, rounded) to the one published max_memory_reserved of a
@@ -56,12 +59,19 @@ OVERHEADS = Overheads(allocator_margin_fraction=0.05, cuda_context_bytes=512 * 1
                       nccl_bytes_per_communicator=500 * 10**6)
 
 #: Host memory of one CPU (gloo) training process besides the model: Python, torch and
-#: megatron-core. Calibrated: the tiny model (4 layers, h=64, ~0.1 M parameters) on this
-#: project's CPU trainer peaked at 433-442 MB max RSS per rank (1 and 2 processes,
-#: `python -m launcher config=tiny_local training.train_steps=10`, 2026-11-21).
-CPU_PROCESS_BASE_BYTES = 435 * 10**6
+#: megatron-core (``Overheads.host_process_bytes``). Calibrated: the tiny model (4 layers, h=64,
+#: ~0.1 M parameters) on this project's CPU trainer peaked at 433-442 MB max RSS per rank (1 and 2
+#: processes, `python -m launcher config=tiny_local training.train_steps=10`, 2026-11-21).
+CPU_PROCESS_BASE_BYTES = OVERHEADS.host_process_bytes
 
 # --------------------------------------------------------------------------- throughput
+
+
+#: Per-call latency of a collective / point-to-point (seconds): NVLink inside a node and
+#: EFA/InfiniBand between nodes (nccl-tests small-message latency, order of magnitude). Assumed
+#: (``Efficiency.nvlink_latency_s`` / ``network_latency_s``; a cluster calibration refits them).
+NVLINK_LATENCY_S = 10e-6
+NETWORK_LATENCY_S = 30e-6
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -85,9 +95,23 @@ class Efficiency:
     hbm: float = 0.8
     #: Families without an entry use this one's value.
     default_family: str = field(default="h100")
+    #: ``gemm_half_flops`` of one family, where it differs (a cluster calibration fits its own;
+    #: on CPU the half point is the per-operation overhead of eager torch).
+    gemm_half_flops_family: Mapping[str, float] = field(default_factory=dict)
+    #: Fraction of the NVLink bus bandwidth collectives reach inside a node (1: the nccl-tests class
+    #: numbers of ``DEVICE_BANDWIDTHS`` already are achieved rates; a cluster calibration refits it,
+    #: and for CPU processes over gloo it is the achieved rate of the loopback transport).
+    nvlink: float = 1.0
+    #: Per-call latency of a collective inside a node (NVLink; shared memory for CPU processes).
+    nvlink_latency_s: float = NVLINK_LATENCY_S
+    #: Per-call latency of a collective between nodes (EFA / InfiniBand).
+    network_latency_s: float = NETWORK_LATENCY_S
 
     def compute_for(self, gpu: str) -> float:
         return self.compute.get(gpu_family(gpu), self.compute[self.default_family])
+
+    def half_for(self, gpu: str) -> float:
+        return self.gemm_half_flops_family.get(gpu_family(gpu), self.gemm_half_flops)
 
 
 def gpu_family(gpu: str) -> str:
@@ -124,11 +148,6 @@ TP_COLLECTIVES_EXPOSED = 8
 #: megatron-core DDP bucket: max(40M, 1M x dp) parameters; the last bucket is never hidden.
 DDP_BUCKET_PARAMS = 40_000_000
 
-#: Per-call latency of a collective / point-to-point (seconds): NVLink inside a node and
-#: EFA/InfiniBand between nodes (nccl-tests small-message latency, order of magnitude). Assumed.
-NVLINK_LATENCY_S = 10e-6
-NETWORK_LATENCY_S = 30e-6
-
 #: Optimizer step and gradient-norm: bytes read/written per parameter of the local shard
 #: (fp32 grad 4, fp32 main param 4+4, Adam m and v 8+8, bf16 param write 2). HBM-bound.
 OPTIMIZER_BYTES_PER_PARAM = 30
@@ -139,8 +158,37 @@ OPTIMIZER_BYTES_PER_PARAM = 30
 #: Assumed: minutes for a 70B run on FSx for Lustre.
 RESTART_OVERHEAD_S = 600.0
 #: Stall per checkpoint save with asynchronous distributed checkpoints (the copy to host
-#: memory is synchronous). Assumed.
+#: memory is synchronous). Assumed for a 70B run on P5; this project measured 0.13 s of
+#: blocking for a 1.26 GB state on one CPU process (docs/benchmarks.md, 1.3x a memcpy).
 CHECKPOINT_STALL_S = 30.0
+
+# --------------------------------------------------------------------------- failures
+
+#: Job interruptions of Llama 3 405B pre-training (Dubey et al. 2024, "The Llama 3 Herd of
+#: Models", arXiv:2407.21783, section 3.3.4 "Reliability and Operational Challenges"): 466 job
+#: interruptions during a 54-day snapshot of pre-training on 16,384 H100 GPUs; 47 planned
+#: (maintenance, operator actions), 419 unexpected (78% confirmed or suspected hardware:
+#: GPUs 30.1%, HBM3 17.2%, ...). The snapshot's GPU count is the cluster's full training scale
+#: (Table 4: 16,384 GPUs for the later stages).
+LLAMA3_INTERRUPTIONS = 466
+LLAMA3_UNEXPECTED_INTERRUPTIONS = 419
+LLAMA3_SNAPSHOT_DAYS = 54
+LLAMA3_GPUS = 16384
+#: Default failure rate of a plan: Llama 3's *unexpected* interruptions per GPU-hour,
+#: 419 / (16384 x 54 x 24) = 1.97e-5 (one every ~3 h on 16K GPUs, every ~8 days on 256). The 47
+#: planned ones are left out: they are scheduled, so they lose no work since the last checkpoint.
+FAILURES_PER_GPU_HOUR = LLAMA3_UNEXPECTED_INTERRUPTIONS / (LLAMA3_GPUS * LLAMA3_SNAPSHOT_DAYS * 24.0)
+#: Time to notice a failure, as this project's hang watchdog does (configs/resilience_config.py):
+#: no progress for max(step_factor x the median step time, floor_s) = max(10 x step, 300 s). A
+#: crashed rank ends the worker group sooner; a silent hang takes this long, so it is the bound.
+DETECTION_STEP_FACTOR = 10.0
+DETECTION_FLOOR_S = 300.0
+#: The same two costs for this project's CPU (gloo) runs of the tiny model, measured: a restart's
+#: "down 0.4 s + reload 5.1 s" (docs/resilience.md, the goodput ledger's restart line) and 0.13 s
+#: of blocking per asynchronous save of a 1.26 GB state (docs/benchmarks.md; an upper bound for a
+#: tiny model's state).
+CPU_RESTART_S = 6.0
+CPU_CHECKPOINT_STALL_S = 0.13
 
 
 #: Bandwidths per GPU type (memory and peak FLOP/s come from cluster.gpus, the one catalogue).

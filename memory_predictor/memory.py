@@ -222,6 +222,11 @@ def stage_memory(model: ModelSpec, train: TrainSpec, layout: Layout, opts: Optio
     )
 
 
+def on_host(stage: StageMemory, overheads: C.Overheads = C.OVERHEADS) -> StageMemory:
+    """A CPU (gloo) process: no CUDA context, NCCL or caching allocator; the runtime's base instead."""
+    return replace(stage, cuda_context=overheads.host_process_bytes, nccl=0, allocator_margin=0)
+
+
 def predict_memory(model: ModelSpec, train: TrainSpec, layout: Layout, opts: Options, hw: Hardware,
                    overheads: C.Overheads = C.OVERHEADS) -> MemoryReport:
     """Breakdowns of the first, a middle and the last stage, and the peak rank.
@@ -234,12 +239,9 @@ def predict_memory(model: ModelSpec, train: TrainSpec, layout: Layout, opts: Opt
     first = stage_memory(model, train, layout, opts, 0, layer, overheads=overheads)
     last = first if p == 1 else stage_memory(model, train, layout, opts, p - 1, layer, overheads=overheads)
     middle = stage_memory(model, train, layout, opts, p // 2, layer, overheads=overheads) if p > 2 else None
-    if hw.gpu == "cpu":  # host processes: no CUDA context, NCCL or caching allocator; a runtime base
-        def on_host(s: StageMemory) -> StageMemory:
-            return replace(s, cuda_context=C.CPU_PROCESS_BASE_BYTES, nccl=0, allocator_margin=0)
-
-        first, last = on_host(first), on_host(last)
-        middle = on_host(middle) if middle is not None else None
+    if hw.gpu == "cpu":
+        first, last = on_host(first, overheads), on_host(last, overheads)
+        middle = on_host(middle, overheads) if middle is not None else None
     peak = max((first, last), key=lambda s: s.total)
     memory = hw.memory_bytes if hw.check_memory else 0
     usable = int(math.floor(memory * opts.usable_fraction)) if memory else 0

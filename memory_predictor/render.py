@@ -15,6 +15,7 @@ from typing import Any
 from memory_predictor.constants import GIB
 from memory_predictor.errors import PredictorError, Problem
 from memory_predictor.plan import TrainingPlan
+from memory_predictor.report_html import duration
 
 ROWS = (("params", "parameters (layers)"), ("grads", "gradients"), ("optimizer", "optimizer states"),
         ("embedding_output", "embedding / output layer"), ("activations", "activations in flight"),
@@ -110,9 +111,22 @@ def print_plan(d: dict[str, Any]) -> None:
     console = _console()
     console.print(ranking_table([d["best"], *d["alternatives"][:4]], f"{d['model']}: best layout and alternatives"))
     cost = "n/a (pass --price-per-node-hour)" if d["cost"] is None else f"{d['cost']:,.0f}"
-    console.print(f"{d['tokens']:.4g} tokens in {d['steps']:,} steps of {d['step_time_s']:.2f} s: "
-                  f"{d['duration_days']:.1f} days, {d['gpu_hours']:,.0f} GPU-hours, "
-                  f"{d['node_hours']:,.0f} node-hours, cost {cost}")
+    it = d["interruptions"]
+    console.print(f"{d['tokens']:.4g} tokens in {d['steps']:,} steps of {d['step_time_s']:.3g} s: "
+                  f"ideal {duration(d['ideal_s'])} | planned {duration(d['duration_s'])} (+ {it['job_starts']} job "
+                  f"starts, {it['checkpoint_saves']:,} checkpoint stalls of {it['checkpoint_stall_s']:g} s) | "
+                  f"[bold]expected {duration(d['expected_s'])}[/bold] (+ {it['expected_failures']:.2f} failures "
+                  f"expected at {it['failures_per_gpu_hour']:.3g} per GPU-hour"
+                  + ("" if it["mtbf_hours"] is None else f", MTBF {duration(it['mtbf_hours'] * 3600)}")
+                  + f", {duration(it['cost_per_failure_s'])} each)")
+    expected_cost = "" if d["expected_cost"] is None else f" ({d['expected_cost']:,.0f} expected)"
+    console.print(f"{d['gpu_hours']:,.1f} GPU-hours, {d['node_hours']:,.1f} node-hours planned "
+                  f"({d['expected_gpu_hours']:,.1f} GPU-hours expected), cost {cost}{expected_cost}")
+    if it["suggested_interval_steps"]:
+        console.print(f"checkpoint every {d['checkpoint_interval_steps']:,} steps ({duration(it['checkpoint_interval_s'])}); "
+                      f"Young's interval for this failure rate: every {it['suggested_interval_steps']:,} steps "
+                      f"({duration(it['suggested_interval_s'])}), expected {duration(it['expected_s_at_suggested'])} "
+                      "(--checkpoint-every-steps)")
     table = Table(title=f"schedule: jobs of <= {d['job_hours']:g} h, checkpoint every {d['checkpoint_interval_steps']} steps")
     for col in ("job", "nodes", "steps", "tokens", "start (days)", "hours", "checkpoints"):
         table.add_column(col, justify="right")
@@ -180,7 +194,8 @@ def check_output(path: str, flag: str) -> None:
         raise PredictorError([Problem(flag, path, "is not writable here; choose another path")])
 
 
-def _write_text(path: str, text: str) -> None:
+def write_text(path: str, text: str) -> None:
+    """Write an output file; PredictorError (not a traceback) when it cannot be written."""
     try:
         Path(path).write_text(text)
     except OSError as exc:
@@ -190,7 +205,7 @@ def _write_text(path: str, text: str) -> None:
 def write_heatmap(path: str, rows: Sequence[tuple[str, Sequence[float | None]]], micro_batches: Sequence[int],
                   usable: float, title: str) -> None:
     if path.endswith((".html", ".htm")):
-        _write_text(path, heatmap_html(rows, micro_batches, usable, title))
+        write_text(path, heatmap_html(rows, micro_batches, usable, title))
         return
     plt = _pyplot(path)
     import numpy as np
@@ -224,7 +239,7 @@ def _cumulative(plan: TrainingPlan) -> tuple[list[float], list[float], list[floa
 def write_schedule_plot(path: str, plan: TrainingPlan, title: str) -> None:
     days, tokens, boundaries = _cumulative(plan)
     if path.endswith((".html", ".htm")):
-        _write_text(path, _schedule_svg_html(days, tokens, boundaries, title))
+        write_text(path, _schedule_svg_html(days, tokens, boundaries, title))
         return
     plt = _pyplot(path)
     fig, ax = plt.subplots(figsize=(8, 4))

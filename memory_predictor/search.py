@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 
 from memory_predictor import constants as C
 from memory_predictor.activations import LayerActivations, layer_activations
-from memory_predictor.memory import MemoryReport, predict_memory, stage_memory
+from memory_predictor.memory import MemoryReport, StageMemory, on_host, predict_memory, stage_memory
 from memory_predictor.spec import RECOMPUTE, Hardware, Layout, ModelSpec, Options, TrainSpec, interleaving_accepts, \
     layout_problems
 from memory_predictor.throughput import StepTime, predict_step
@@ -116,6 +116,16 @@ def enumerate_layouts(model: ModelSpec, seq_length: int, global_batch: int, hw: 
                                              recompute=rc, distributed_optimizer=dist), train
 
 
+def peak_stage(model: ModelSpec, train: TrainSpec, layout: Layout, opts: Options, layer: LayerActivations,
+                overheads: C.Overheads, *, on_cpu: bool) -> StageMemory:
+    """The larger of the first and last stage (what ``predict_memory`` calls the peak), cheaply."""
+    first = stage_memory(model, train, layout, opts, 0, layer, overheads=overheads)
+    last = stage_memory(model, train, layout, opts, layout.pp - 1, layer, overheads=overheads) if layout.pp > 1 else first
+    if on_cpu:
+        first, last = on_host(first, overheads), on_host(last, overheads)
+    return last if last.total > first.total else first
+
+
 def _powers_of_two(limit: int) -> list[int]:
     out, c = [], 1
     while c <= limit:
@@ -142,11 +152,7 @@ def search(model: ModelSpec, seq_length: int, global_batch: int, hw: Hardware, o
         layer = layers.get(key)
         if layer is None:
             layer = layers[key] = layer_activations(model, seq_length, train.micro_batch_size, layout, opts)
-        first = stage_memory(model, train, layout, opts, 0, layer, overheads=overheads)
-        peak = first
-        if layout.pp > 1:
-            last = stage_memory(model, train, layout, opts, layout.pp - 1, layer, overheads=overheads)
-            peak = last if last.total > first.total else first
+        peak = peak_stage(model, train, layout, opts, layer, overheads, on_cpu=hw.gpu == "cpu")
         if usable and peak.total > usable:
             rejected += 1
             continue
@@ -165,7 +171,8 @@ def evaluate(model: ModelSpec, train: TrainSpec, layout: Layout, opts: Options, 
 
 
 def heatmap_rows(model: ModelSpec, result: SearchResult, opts: Options, hw: Hardware, *, rows: int = 12,
-                 micro_batches: Sequence[int] = (1, 2, 4, 8)) -> list[tuple[str, list[float | None]]]:
+                 micro_batches: Sequence[int] = (1, 2, 4, 8),
+                 overheads: C.Overheads = C.OVERHEADS) -> list[tuple[str, list[float | None]]]:
     """(layout label, peak memory fraction per micro-batch size) for the top distinct layouts.
 
     None where that micro-batch size does not divide the per-rank batch.
@@ -185,7 +192,7 @@ def heatmap_rows(model: ModelSpec, result: SearchResult, opts: Options, hw: Hard
             if per_rank % mbs or not interleaving_accepts(per_rank // mbs, lay.pp, lay.vpp):
                 fractions.append(None)
                 continue
-            report = predict_memory(model, train, lay, opts, hw)
+            report = predict_memory(model, train, lay, opts, hw, overheads)
             fractions.append(report.peak_bytes / hw.memory_bytes if hw.memory_bytes else None)
         vpp = f" vpp{lay.vpp}" if lay.vpp > 1 else ""
         dist = "" if lay.distributed_optimizer else " plain-opt"

@@ -9,7 +9,9 @@ and ``Hardware`` (device and cluster shape). Expert parallelism is not modelled 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from configs.hardware import GPU_TYPES
 from memory_predictor import constants as C
@@ -128,6 +130,19 @@ class Options:
         """The kernels of this project's trainer on CPU (gloo): all eager, no Transformer Engine."""
         return cls(flash_attention=False, fused_norm=False, fused_swiglu=False, tp_comm_overlap=False,
                    gradient_accumulation_fusion=False, **kw)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_kernels(cls, kernels: Mapping[str, Any], *, precision: str = "bf16", overlap_grad_reduce: bool = True,
+                     overlap_param_gather: bool = True, tp_comm_overlap: bool = False,
+                     usable_fraction: float = C.DEFAULT_USABLE_FRACTION) -> "Options":
+        """The options of a run built with these kernels (``memory_predictor.kernels.Kernels.as_dict()``,
+        also what a run directory's ``kernels.json`` holds)."""
+        te = bool(kernels.get("transformer_engine"))
+        return cls(precision=precision, overlap_grad_reduce=overlap_grad_reduce,
+                   overlap_param_gather=overlap_param_gather, usable_fraction=usable_fraction,
+                   tp_comm_overlap=tp_comm_overlap and te, flash_attention=bool(kernels.get("flash_attention")),
+                   fused_norm=te, fused_swiglu=bool(kernels.get("fused_swiglu")),
+                   gradient_accumulation_fusion=bool(kernels.get("gradient_accumulation_fusion")))
 
     @property
     def act_bytes(self) -> int:

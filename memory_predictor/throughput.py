@@ -62,10 +62,10 @@ def group_bandwidth(hw: Hardware, stride: int, size: int,
     """(bus bandwidth bytes/s, latency s) of a group of ``size`` ranks ``stride`` apart."""
     per_node = max(1, hw.gpus_per_node // stride) if stride < hw.gpus_per_node else 1
     if size <= per_node and stride * size <= hw.gpus_per_node:
-        return hw.nvlink_bytes_per_s, C.NVLINK_LATENCY_S
+        return hw.nvlink_bytes_per_s * eff.nvlink, eff.nvlink_latency_s
     share = min(per_node, size) / hw.gpus_per_node  # this group's share of the node's adapters
     network = hw.network_bytes_per_s_per_node * eff.network * share
-    return min(network, hw.nvlink_bytes_per_s), C.NETWORK_LATENCY_S
+    return min(network, hw.nvlink_bytes_per_s), eff.network_latency_s
 
 
 def compute_efficiency(model: ModelSpec, train: TrainSpec, layout: Layout, hw: Hardware,
@@ -76,10 +76,10 @@ def compute_efficiency(model: ModelSpec, train: TrainSpec, layout: Layout, hw: H
     carries the per-token work that does not shrink with the model (memory-bound kernels,
     launches): small models come out slower than their GEMMs alone would make them.
     """
-    if hw.gpu == "cpu":
-        return 1.0  # the CPU profile's nominal peak is already an achieved rate
+    if hw.gpu == "cpu" and "cpu" not in eff.compute:
+        return 1.0  # the CPU profile's nominal peak is already an achieved rate (until a calibration fits one)
     gemm = 2.0 * train.micro_batch_size * train.seq_length / layout.cp * model.hidden_size * model.ffn_hidden_size / layout.tp
-    return eff.compute_for(hw.gpu) * gemm / (gemm + eff.gemm_half_flops)
+    return eff.compute_for(hw.gpu) * gemm / (gemm + eff.half_for(hw.gpu))
 
 
 def predict_step(model: ModelSpec, train: TrainSpec, layout: Layout, opts: Options, hw: Hardware,

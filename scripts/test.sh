@@ -2,6 +2,7 @@
 # The whole test suite: installs what the tests need (Debian's slurm-wlm + munge, the test
 # extra), then runs pytest.
 # Also Debian's prometheus + pushgateway for the monitoring tests (started and stopped by the tests). The tests start a single-node Slurm themselves and stop it by PID.
+# And Debian's chromium: the plan page (memory_predictor report) is rendered in a real headless browser.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
@@ -9,6 +10,7 @@ command -v slurmctld >/dev/null 2>&1 || need+=(slurm-wlm)
 command -v munged >/dev/null 2>&1 || need+=(munge)
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
 command -v prometheus-pushgateway >/dev/null 2>&1 || need+=(prometheus-pushgateway)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
   echo "test.sh: installing ${need[*]} (Debian)" >&2
   export DEBIAN_FRONTEND=noninteractive

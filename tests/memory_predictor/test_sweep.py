@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from launcher import sweep
 from tests.e2e import launcher
@@ -70,7 +71,7 @@ def test_sweep_on_real_slurm(slurm, tmp_path: Path) -> None:
                  f"cluster.python={sys.executable}", "cluster.time_limit=00:10:00", "cluster.signal_seconds=60",
                  f"runs_root={tmp_path}"]
     proc = launcher("sweep", "--points", "1x1,1x2", "--top-k", "2", "--steps", "6", "--skip", "2", "--timeout", "360",
-                    "--", *overrides, timeout=400)
+                    "--calibrate", "--", *overrides, timeout=400)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     sweep_dir = next((tmp_path / "sweeps").iterdir())
     report = json.loads((sweep_dir / sweep.REPORT_JSON).read_text())
@@ -88,3 +89,8 @@ def test_sweep_on_real_slurm(slurm, tmp_path: Path) -> None:
     assert "Benchmark sweep: predicted vs measured" in proc.stdout
     if report.get("plot"):
         assert (sweep_dir / sweep.SCALING_PNG).read_bytes()[:4] == b"\x89PNG"
+    # short benchmark runs -> calibration (from the Slurm logs, srun --label prefixes) -> the next plan
+    calibration = yaml.safe_load((sweep_dir / sweep.CALIBRATION_FILE).read_text())
+    assert calibration["gpu_type"] == "cpu" and len(calibration["runs"]) == 3 and "compute" in calibration["fitted"]
+    assert "step-time error" in proc.stdout and "cluster.calibration=" in proc.stdout
+    assert Path(runs[0]["run_dir"], "plan.html").exists()
