@@ -30,6 +30,8 @@ REQUEUE_MARK = "requeue"  # cluster.watchdog.REQUEUE_MARK: a node was drained; r
 PROMETHEUS_MARK = "prometheus.yml"  # monitoring.launch.PROMETHEUS_FILE: monitoring.prometheus=true
 NODE_EXPORTER_ENV = "HYPERLAUNCH_NODE_EXPORTER"  # monitoring.node_exporter.STARTED_ENV
 PREFLIGHT_EXIT = 3
+QUARANTINE_FILE = "preflight_quarantine"  # cluster.health_report.QUARANTINE_FILE: node<TAB>reason lines
+PREFLIGHT_GRACE_S = 120  # srun and container start-up on top of cluster.preflight.time_budget_s
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,11 @@ def _env_block(plan: JobPlan) -> list[str]:
     return out
 
 
+def preflight_enabled(c: ClusterConfig) -> bool:
+    """cluster.preflight.enabled; null: on for Slurm/HyperPod clusters, off for cluster=local."""
+    return c.preflight.enabled if c.preflight.enabled is not None else c.kind != "local"
+
+
 def _preflight(plan: JobPlan) -> list[str]:
     c = plan.cluster
     out = ["# preflight: fail fast with a clear message instead of a slow or silent fallback"]
@@ -132,6 +139,8 @@ def _preflight(plan: JobPlan) -> list[str]:
             f"  exit {PREFLIGHT_EXIT}",
             "fi",
         ]
+    if preflight_enabled(c):
+        return out + _health_step(plan)  # the EFA device count is one of its checks, per node
     if c.efa_devices > 0:
         check = (
             'export PATH="/opt/amazon/efa/bin:$PATH"; '
@@ -151,6 +160,77 @@ def _preflight(plan: JobPlan) -> list[str]:
             "fi",
         ]
     return out
+
+
+def _health_step(plan: JobPlan) -> list[str]:
+    """The node health checks on every node (cluster.healthcheck), then quarantine and requeue on failure."""
+    c, p = plan.cluster, plan.cluster.preflight
+    control = f"$RUN_DIR/{CONTROL_DIR}"
+    ranks = c.gpus_per_node if c.gpu_type != "cpu" else 1  # one rank per GPU: each reaches its own EFA devices
+    args = [f"--ntasks-per-node={ranks}", "--kill-on-bad-exit=0", "--export=ALL", "--label", *_container_args(plan)]
+    srun = " ".join(_q(a) for a in args)
+    command = f"{_q(c.python)} -m cluster.healthcheck worker --run-dir \"$RUN_DIR\""
+    tasks = '"$SLURM_JOB_NUM_NODES"' if ranks == 1 else f"$((SLURM_JOB_NUM_NODES * {ranks}))"
+    step = (f"timeout --kill-after=10 {p.time_budget_s + PREFLIGHT_GRACE_S} srun --nodes=\"$SLURM_JOB_NUM_NODES\" "
+            f"--ntasks={tasks} {srun} {command}")
+    replace = c.kind == "hyperpod" and p.hyperpod_replace
+    what = "marked for replacement (HyperPod)" if replace else "drained and excluded"
+    lines = [
+        "",
+        f"# preflight health checks (cluster.preflight, docs/preflight.md): GPUs (dcgmi diag -r {p.gpu_diag_level} or "
+        "NVML), EFA devices and",
+        f"# all-reduce bandwidth on every node within {p.time_budget_s} s; the verdict and every node's results go to",
+        f"# $RUN_DIR/preflight/. Failing nodes are {what}, and the job requeues without them.",
+        f"echo {_q('+ ' + step)}",
+        step,
+        "preflight_rc=$?",
+        f"quarantine=\"{control}/{QUARANTINE_FILE}\"",
+        'if [ -s "$quarantine" ]; then',
+        "  trap '' TERM  # scontrol requeue signals this shell; what follows the requeue must still run",
+        '  failed=""; exclude=""',
+        "  while IFS=$'\\t' read -r node reason; do",
+        '    [ -n "$node" ] || continue',
+        '    failed="${failed:+$failed,}$node"',
+    ]
+    if replace:  # HyperPod replaces the instance; excluded from the job only when it cannot be marked
+        lines += [
+            '    echo "preflight: marking $node for replacement (HyperPod): $reason"',
+            '    scontrol update nodename="$node" state=fail reason="Action:Replace" || { echo "preflight: cannot mark '
+            '$node for replacement (needs Slurm admin rights); excluding it from this job instead" >&2; '
+            'exclude="${exclude:+$exclude,}$node"; }',
+        ]
+    else:  # the job's own exclusion needs no rights, a drain does
+        lines += [
+            '    echo "preflight: draining $node: $reason"',
+            '    scontrol update nodename="$node" state=drain reason="$reason" || echo "preflight: cannot drain $node '
+            '(needs Slurm operator rights); excluding it from this job only" >&2',
+            '    exclude="${exclude:+$exclude,}$node"',
+        ]
+    lines += ['  done < "$quarantine"', '  rm -f "$quarantine"']
+    if c.requeue:
+        lines += [
+            '  before=$(scontrol show job "$SLURM_JOB_ID" -o 2>/dev/null | sed -n \'s/.* ExcNodeList=\\([^ ]*\\).*/\\1/p\')',
+            '  [ "$before" = "(null)" ] && before=""',
+            '  if scontrol requeue "$SLURM_JOB_ID"; then',
+            '    [ -z "$exclude" ] || scontrol update jobid="$SLURM_JOB_ID" ExcNodeList="${before:+$before,}$exclude" '
+            '|| echo "preflight: could not exclude $exclude from the requeued job" >&2',
+            '    echo "preflight: requeued without $failed"',
+            "    exit 0",
+            "  fi",
+            '  echo "preflight: could not requeue; resubmit the job (without $failed)" >&2',
+        ]
+    else:
+        lines += ['  echo "preflight: $failed failed; cluster.requeue=false, so resubmit the job" >&2']
+    lines += [
+        f"  exit {PREFLIGHT_EXIT}",
+        "fi",
+        'if [ "$preflight_rc" -ne 0 ]; then',
+        '  echo "preflight: the health checks failed (status $preflight_rc; the table above and $RUN_DIR/preflight/ '
+        'say why); not starting training" >&2',
+        f"  exit {PREFLIGHT_EXIT}",
+        "fi",
+    ]
+    return lines
 
 
 def _container_args(plan: JobPlan) -> list[str]:

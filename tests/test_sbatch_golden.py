@@ -58,16 +58,19 @@ def test_p5_script_has_what_p5_engineers_expect() -> None:
                    "--signal=B:USR2@300",
                    "NCCL_SOCKET_IFNAME='^lo,docker0,veth_def_agent'", "CUDA_DEVICE_MAX_CONNECTIONS=1",
                    "--auto-resume=1", "--container-image=/fsx/apps/hyperlaunch-megatron.sqsh",
-                   "--container-mounts=/fsx:/fsx", "--kill-on-bad-exit=1", "fi_info -p efa"):
+                   "--container-mounts=/fsx:/fsx", "--kill-on-bad-exit=1", "-m cluster.healthcheck worker"):
         assert needle in text, needle
     # settings current aws-ofi-nccl / PyTorch guidance has moved past (cluster/instances.py)
     for stale in ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "TORCH_NCCL_AVOID_RECORD_STREAMS", "FI_PROVIDER",
                   "FI_EFA_SET_CUDA_SYNC_MEMOPS", "NCCL_NVLS_ENABLE", "NCCL_BUFFSIZE"):
         assert stale not in text, stale
     assert "LD_LIBRARY_PATH" not in text  # the container image carries its own libraries
-    preflight = next(line for line in text.splitlines() if "fi_info" in line)
-    assert "--container-image=/fsx/apps/hyperlaunch-megatron.sqsh" in preflight  # checked where training runs
-    assert "-ge 32 ]" in preflight  # the instance's EFA device count
+    # the health checks (GPUs, EFA device count, bandwidth: cluster/healthcheck.py) run where training runs,
+    # one rank per GPU, within the time budget; failing nodes are drained and excluded, the job requeues
+    preflight = next(line for line in text.splitlines() if line.startswith("timeout ") and "cluster.healthcheck" in line)
+    assert "--container-image=/fsx/apps/hyperlaunch-megatron.sqsh" in preflight and "--ntasks-per-node=8" in preflight
+    assert preflight.startswith("timeout --kill-after=10 300 srun")  # time_budget_s=180 + start-up
+    assert 'state=drain reason="$reason"' in text and "ExcNodeList=" in text and "fi_info" not in text
     assert "--gpus-per-node" not in text  # HyperPod: exclusive nodes, GRES often absent
     step = (GOLDEN / "p5.step.sh").read_text()
     assert "--rdzv-backend=c10d" in step and "--nproc-per-node=8" in step and "SLURM_STEP_NODELIST" in step
@@ -80,7 +83,7 @@ def test_generic_slurm_requests_gpus_and_has_no_efa() -> None:
     assert "#SBATCH --gpus-per-node=8" in text and "#SBATCH --dependency=afterok:4242" in text
     assert "FI_PROVIDER" not in text and "--auto-resume" not in text and "fi_info" not in text
     p4de = (GOLDEN / "p4de.sbatch").read_text()
-    assert "FI_EFA_USE_DEVICE_RDMA" not in p4de and "-ge 4 ]" in p4de
+    assert "FI_EFA_USE_DEVICE_RDMA" not in p4de and "-m cluster.healthcheck worker" in p4de
 
 
 @pytest.mark.parametrize("nvls,line", [(None, None), (False, "export NCCL_NVLS_ENABLE=0"),

@@ -15,7 +15,12 @@ from pathlib import Path
 import pytest
 
 from cluster.sbatch import JobPlan, job_name_slug, render_sbatch, render_step
+from configs.preflight_config import PreflightConfig
 from configs.schema import ClusterConfig
+
+# cluster.preflight off: the batch script's own EFA count (with the health checks on, the count is one
+# of their per-node checks: tests/cluster/test_health_script.py)
+NO_HEALTH_CHECKS = PreflightConfig(enabled=False)
 
 HOSTILE = ["a'; touch PWNED; echo '", "a\ntouch PWNED", "$(touch PWNED)", "`touch PWNED`", 'x" ; touch PWNED ; "']
 
@@ -89,7 +94,8 @@ def test_secret_values_never_written(tmp_path: Path) -> None:
 
 def test_efa_preflight_fails_fast(tmp_path: Path) -> None:
     cluster = ClusterConfig(kind="hyperpod", gpu_type="h100-80gb", gpus_per_node=8, nodes=2,
-                            instance_type="ml.p5.48xlarge", efa_devices=32, python=str(tmp_path / "bin" / "stubpython"))
+                            instance_type="ml.p5.48xlarge", efa_devices=32, python=str(tmp_path / "bin" / "stubpython"),
+                            preflight=NO_HEALTH_CHECKS)
     plan = JobPlan("r", str(tmp_path / "run"), str(tmp_path), cluster)
     proc, argv_log = _run(tmp_path, plan, efa_devices=0)
     assert proc.returncode == 3
@@ -100,7 +106,8 @@ def test_efa_preflight_fails_fast(tmp_path: Path) -> None:
 def test_efa_preflight_counts_devices(tmp_path: Path) -> None:
     """A degraded node (16 of 32 devices) fails the preflight; the count is devices, not endpoints."""
     cluster = ClusterConfig(kind="hyperpod", gpu_type="h100-80gb", gpus_per_node=8, nodes=2,
-                            instance_type="ml.p5.48xlarge", efa_devices=32, python=str(tmp_path / "bin" / "stubpython"))
+                            instance_type="ml.p5.48xlarge", efa_devices=32, python=str(tmp_path / "bin" / "stubpython"),
+                            preflight=NO_HEALTH_CHECKS)
     plan = JobPlan("r", str(tmp_path / "run"), str(tmp_path), cluster)
     proc, argv_log = _run(tmp_path, plan, efa_devices=16)
     assert proc.returncode == 3 and "has 16 EFA devices, ml.p5.48xlarge has 32" in proc.stderr
