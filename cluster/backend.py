@@ -127,9 +127,10 @@ class JobBackend(Protocol):
         ...
 
     def stop(self, job_id: str) -> None:
-        """Ask a running job to stop gracefully: SIGTERM to the batch shell and every step, no kill
-        (the ranks stop after the same step, save a checkpoint and exit; the batch script then ends
-        the job as cancelled). A job that already ended is not an error."""
+        """Ask a running job to stop gracefully: SIGTERM to the batch shell only, no kill (it asks the
+        ranks to stop after the same step and save, then ends the job as cancelled). Signalling the
+        steps too would end ``step.sh``/srun and Slurm would kill the ranks mid-save. A job that
+        already ended is not an error."""
         ...
 
 

@@ -282,9 +282,10 @@ def render_sbatch(plan: JobPlan) -> str:
         "# SIGUSR2 (--signal: the time limit is near): the ranks checkpoint and stop, the job requeues.",
         "# SIGTERM (scancel, preemption): the ranks checkpoint and stop, and the job does NOT requeue.",
         "requeue_wanted=0",
+        "term_received=0",
         f"request_save() {{ echo \"batch: $1 received, requesting checkpoint\"; touch \"{control}/{SAVE_REQUEST}\"; }}",
         "trap 'request_save USR2; requeue_wanted=1' USR2",
-        "trap 'request_save TERM; requeue_wanted=0' TERM",
+        "trap 'request_save TERM; requeue_wanted=0; term_received=1' TERM",
         "",
         f"echo {_q('+ srun ' + srun + ' bash')} \"$RUN_DIR/{STEP_SCRIPT}\"",
         f"srun {srun} bash \"$RUN_DIR/{STEP_SCRIPT}\" &",
@@ -309,7 +310,15 @@ def render_sbatch(plan: JobPlan) -> str:
             '  scontrol requeue "$SLURM_JOB_ID" && exit 0',
             "fi",
         ]
-    lines += ["exit \"$rc\"", ""]
+    lines += [
+        "# SIGTERM to this shell only (`launcher cancel`: scancel --batch --signal=TERM): the ranks stopped after the",
+        "# same step and saved it; end the job as cancelled rather than completed",
+        f"if [ \"$term_received\" = 1 ] && [ ! -e \"{control}/{FINISHED_MARK}\" ]; then",
+        '  echo "batch: stopped on request after a checkpoint; cancelling the job (not requeued)"',
+        "  trap '' TERM",
+        '  scancel "$SLURM_JOB_ID"',
+        "fi",
+        "exit \"$rc\"", ""]
     return "\n".join(lines)
 
 

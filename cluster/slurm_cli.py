@@ -299,10 +299,10 @@ class SlurmCLI:
             log.warning("scancel %s: %s", job_id, text)
 
     def stop(self, job_id: str) -> None:
-        result = self._run(["scancel", "--full", "--signal=TERM", str(job_id)])
+        result = self._run(["scancel", "--batch", "--signal=TERM", str(job_id)])
         text = result.stderr.strip()
         if result.returncode != 0 and not _ALREADY_DONE.search(text):
-            raise self._fail(f"scancel --full --signal=TERM {job_id}", result)
+            raise self._fail(f"scancel --batch --signal=TERM {job_id}", result)
 
     # -- beyond the protocol
     def wait(self, job_ids: list[str], timeout_s: float | None = None,

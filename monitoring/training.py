@@ -145,6 +145,11 @@ class MonitoringCallback:
             self.alert(Alert("Job started", f"run {run}: {layout.world_size} ranks on {c.nodes} node(s) "
                              f"({c.gpu_type}), steps {state.step + 1}-{state.total_steps}, {where}",
                              Level.INFO, terminal=True))
+            if self.run_dir:  # what the preflight of this job did before this attempt (a quarantine, a failure)
+                from monitoring.preflight_events import pending_alerts
+
+                for alert in pending_alerts(self.run_dir):
+                    self.alert(alert)
 
     def on_step_end(self, state: TrainState, report: StepReport) -> None:
         started = time.perf_counter()

@@ -51,12 +51,35 @@ def test_submit_trains_two_ranks_to_completion(slurm, tmp_path: Path) -> None:
     assert (run / "control" / "finished").exists()
 
 
-def test_cancel(slurm, tmp_path: Path) -> None:
+def test_cancel_now(slurm, tmp_path: Path) -> None:
     run = _submit(tmp_path, "parallelism.dp=2", "training.train_steps=100000")
     _wait_state(run, {"RUNNING"})
-    cancel = launcher("cancel", str(run))
+    cancel = launcher("cancel", "--now", str(run))
     assert cancel.returncode == 0 and "cancel requested" in cancel.stdout
     assert _wait_state(run, {"CANCELLED"}) == "CANCELLED"
+
+
+def test_cancel_stops_every_rank_after_the_same_step_with_a_checkpoint(slurm, tmp_path: Path) -> None:
+    """`launcher cancel` of a running job: SIGTERM (no kill) to the batch shell only; the ranks
+    agree on a step, save it and exit; the job ends CANCELLED and is not requeued."""
+    run = _submit(tmp_path, "parallelism.dp=2", "training.train_steps=100000", "checkpoint.enabled=true",
+                  "checkpoint.save_interval=100000")
+    _wait_state(run, {"RUNNING"})
+    job_id = str(job_record(run)["job_id"])
+    out_file = lambda: next(iter((run / "logs").glob(f"*_{job_id}.out")), None)  # noqa: E731
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (out_file() and "step=3/" in out_file().read_text()):
+        time.sleep(0.5)
+    cancel = launcher("cancel", str(run))
+    assert cancel.returncode == 0 and "to stop: every rank stops after the same step" in cancel.stdout, cancel.stdout
+    assert _wait_state(run, {"CANCELLED", "COMPLETED", "FAILED"}, timeout=180) == "CANCELLED"
+    text = out_file().read_text()
+    stopped = re.findall(r"stopping after step (\d+)/100000", text)
+    assert len(stopped) == 1, text[-3000:]
+    step = int(stopped[0])
+    manifest = run / "checkpoints" / f"step_{step:08d}" / "manifest.json"
+    assert manifest.exists(), text[-3000:]  # saved by both ranks: the save is collective
+    assert "requeueing" not in text and "(restart 1)" not in "".join(p.read_text() for p in (run / "logs").glob("*.out"))
 
 
 def test_startup_failure_reported_with_log_tail(slurm, tmp_path: Path) -> None:
@@ -114,7 +137,8 @@ def test_depends_on_chains_stages_with_afterok(slurm, tmp_path: Path) -> None:
     first_id = job_record(first)["job_id"]
     assert f"#SBATCH --dependency=afterok:{first_id}" in (second / "job.sbatch").read_text()
     assert launcher("wait", str(second), "--timeout", "240", "--max-interval", "3", timeout=280).returncode == 0
-    assert job_record(first)["state"] == "COMPLETED" or launcher("status", str(first)).returncode == 0
+    assert launcher("status", str(first)).returncode == 0  # refreshes job.json from Slurm
+    assert job_record(first)["state"] == "COMPLETED" and job_record(first)["exit_code"] == 0
     finished_first = (first / "control" / "finished").stat().st_mtime
     out2 = next((second / "logs").glob("*.out")).read_text()
     assert "training finished" in out2

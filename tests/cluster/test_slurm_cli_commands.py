@@ -237,17 +237,17 @@ def test_cancel_failure_raises():
         SlurmCLI(runner=runner).cancel("9")
 
 
-def test_stop_signals_batch_shell_and_steps_without_killing():
-    runner = FakeRunner([(["scancel", "--full", "--signal=TERM", "5"], ok()),
-                         (["scancel", "--full", "--signal=TERM", "6"], fail("scancel: error: Kill job error on job id 6: "
+def test_stop_signals_only_the_batch_shell():
+    runner = FakeRunner([(["scancel", "--batch", "--signal=TERM", "5"], ok()),
+                         (["scancel", "--batch", "--signal=TERM", "6"], fail("scancel: error: Kill job error on job id 6: "
                                                                             "Job/step already completing or completed\n")),
-                         (["scancel", "--full", "--signal=TERM", "7"], fail("scancel: error: Access/permission denied\n"))])
+                         (["scancel", "--batch", "--signal=TERM", "7"], fail("scancel: error: Access/permission denied\n"))])
     cli = SlurmCLI(runner=runner)
     cli.stop("5")
     cli.stop("6")
     with pytest.raises(BackendError, match="permission denied"):
         cli.stop("7")
-    assert runner.calls[0] == ("scancel", "--full", "--signal=TERM", "5")
+    assert runner.calls[0] == ("scancel", "--batch", "--signal=TERM", "5")
 
 
 def test_requeue_commands():

@@ -48,7 +48,8 @@ def test_a_slow_node_is_named_drained_and_the_job_trains_on_the_others(multinode
     started = time.monotonic()
     try:
         run, job_id = submit(multinode, tmp_path / "runs", "cluster.nodes=2", "cluster.gpus_per_node=1",
-                             f"cluster.preflight.time_budget_s={BUDGET_S}")
+                             f"cluster.preflight.time_budget_s={BUDGET_S}",
+                             "monitoring.straggler.enabled=true")  # the monitoring callback: console alerts
         assert wait_done(multinode, run, timeout_s=300) == "COMPLETED"
         took = time.monotonic() - started
         text = log_text(run)
@@ -69,6 +70,8 @@ def test_a_slow_node_is_named_drained_and_the_job_trains_on_the_others(multinode
         assert sorted(by_step(text)) == list(range(1, 17))
         assert "preflight: draining node2: hyperlaunch preflight: net.link" in text
         assert "preflight: requeued without node2" in text
+        # the attempt that trained reported what the preflight did before it (W&B and the console)
+        assert "monitoring: [WARN] Preflight quarantined nodes: run" in text and "node2 failed the preflight" in text
         events = [json.loads(line) for line in (run / "preflight" / "events.jsonl").read_text().splitlines()]
         assert [(e["status"], e["quarantined"], e["action"]) for e in events] == [
             ("quarantine", ["node2"], "drain, exclude and requeue"), (second["status"], [], "none")]
