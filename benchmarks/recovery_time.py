@@ -10,7 +10,8 @@ a checkpoint every 10 steps, ``resilience.max_restarts=1``), each repeated:
   the watchdog (floor 5 s, polled every second) ends the worker group;
 * ``hung (timeout only)``: the same hang with the watchdog off: the peer's collective fails after
   ``resilience.collective_timeout_s`` (``--timeout-s``, default 60 s to keep the benchmark short;
-  PyTorch's NCCL default is 600 s, and the table extrapolates to it).
+  PyTorch's NCCL default is 600 s, and the table extrapolates to it). Its restart includes
+  torchrun's 30 s grace for the hung rank, which does not answer SIGTERM.
 
 Each recovery is split into detection (the failure to the moment it is noticed: torchrun reports
 the dead worker, or the watchdog's verdict, or the collective's timeout), restart (to the new
@@ -138,9 +139,11 @@ def hung(root: Path, watchdog: bool, timeout_s: float) -> Recovery:
     if watchdog:
         (event,) = [json.loads(p.read_text()) for p in (run_dir / "hangs").glob("attempt-*.json")]
         last, noticed = float(event["last_progress"]), float(event["detected"])
-    else:  # the ledger's "down" runs from the last progress (heartbeats) to the new process's start
-        last = r["process_start"] - r["down_s"]
-        noticed = next(t for t, line in run.lines if FAILED.search(line))
+    elif r.get("detection_s") is not None:  # rank 0's collective raised: the ledger has its time
+        noticed = r["process_start"] - r["down_s"]  # the failure ("down" runs from it to the new process)
+        last = noticed - r["detection_s"]  # the newest heartbeat before it
+    else:
+        raise RuntimeError(f"the restart record has no failure time: {r}")
     name = "hung rank (watchdog)" if watchdog else f"hung rank (timeout {timeout_s:g} s only)"
     return Recovery(name, noticed - last, r["process_start"] - noticed, r["reload_s"], r["redone_s"],
                     r["redone_steps"])

@@ -8,7 +8,9 @@ run one torchrun per node, the c10d rendezvous and gloo collectives cross "nodes
 * a rank on the second node hangs: both nodes' watchdogs stop the group, torchrun restarts it in the
   same allocation (no requeue), and training resumes with the same losses;
 * USR2 before the time limit reaches every node's ranks: they stop after the same step, save, the
-  job requeues and finishes.
+  job requeues and finishes;
+* `launcher cancel` (SIGTERM to the batch shell) stops every node's ranks after the same step with a
+  checkpoint, and the job ends CANCELLED, not requeued.
 """
 
 from __future__ import annotations
@@ -142,3 +144,29 @@ def test_usr2_stops_every_node_after_the_same_step_and_requeues(multinode: Multi
     assert f"checkpoint: resumed from" in text and "(restart 1)" in text
     assert re.search(rf"resumed from \S+step_{stopped:08d}", text), text[-3000:]  # the stop save, on both nodes
     assert sorted(by_step(text)) == list(range(1, 61))
+
+
+@pytest.mark.timeout(600)
+def test_cancel_stops_every_node_after_the_same_step_with_a_checkpoint(multinode: MultiNodeSlurm,
+                                                                       tmp_path: Path) -> None:
+    steps = ["training.train_steps=100000", "checkpoint.enabled=true", "checkpoint.save_interval=100000"]
+    run, job_id = submit(multinode, tmp_path / "runs", "cluster.nodes=2", "cluster.gpus_per_node=1", *steps)
+    wait_for_step(run, 6, 240)
+    cancel = multinode.launcher("cancel", str(run), timeout_s=60)
+    assert cancel.returncode == 0 and "every rank stops after the same step" in cancel.stdout, cancel.stdout
+    deadline = time.monotonic() + 240
+    while json.loads((run / "job.json").read_text()).get("state") not in ("CANCELLED", "COMPLETED", "FAILED"):
+        assert time.monotonic() < deadline, log_text(run)[-3000:]
+        multinode.launcher("status", str(run), timeout_s=60)
+        time.sleep(1)
+    assert json.loads((run / "job.json").read_text())["state"] == "CANCELLED"
+    text = log_text(run)
+    stops = re.findall(r"stopping after step (\d+)/100000", text)
+    assert len(stops) == 1, text[-3000:]
+    stopped = int(stops[0])
+    manifest = json.loads((run / "checkpoints" / f"step_{stopped:08d}" / "manifest.json").read_text())
+    writers = {name.split("_")[2] for name in manifest["files"] if name.startswith("__")}  # __<rank>_<n>.distcp
+    assert writers == {"0", "1"}, manifest["files"]  # the save is collective: the ranks of both nodes wrote it
+    assert max(by_step(text)) == stopped and "(restart 1)" not in text and "requeueing" not in text
+    assert "batch: stopped on request after a checkpoint; cancelling the job" in text
+    print(f"cancelled: both nodes stopped after step {stopped}; checkpoint files {sorted(writers)[:4]}")
