@@ -108,17 +108,12 @@ def stop_process_group(pid: int, grace_s: float = 10.0) -> bool:
 
 
 def process_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie, exited but not reaped, is not alive)."""
+    import psutil
+
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
+    except psutil.AccessDenied:
         return True
-    # a zombie still answers kill(0); check /proc where available
-    stat = Path(f"/proc/{pid}/stat")
-    if stat.exists():
-        try:
-            return stat.read_text().split()[2] != "Z"
-        except OSError:
-            return True
-    return True
