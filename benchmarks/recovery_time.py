@@ -169,7 +169,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                 root = Path(tmp) / f"{name}-{i}"
                 root.mkdir()
                 rows.append(scenario(root))
-                print(f"  {rows[-1].scenario} #{i + 1}: to first step {rows[-1].to_first_step_s:.1f} s", flush=True)
+                r = rows[-1]
+                print(f"  {r.scenario} #{i + 1}: to first step {r.to_first_step_s:.1f} s (detection {r.detection_s:.1f}, "
+                      f"restart {r.restart_s:.1f}, reload {r.reload_s:.1f})", flush=True)
             results.append(median(rows))
     print(f"\nmedians over {args.repeats} runs (2 CPU ranks, tiny model; seconds)")
     print(f"{'scenario':<46}{'detection':>10}{'restart':>9}{'ckpt load':>10}{'to 1st step':>12}"

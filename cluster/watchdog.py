@@ -101,7 +101,13 @@ def verdict(beats: list[Beat], now: float, clock: StepClock, limits: Limits) -> 
     last = max(b.time for b in beats)
     median = clock.median()
     long_phase = any(b.phase in LONG_PHASES for b in beats)
-    allowance = limits.startup_s if long_phase or median is None else max(limits.step_factor * median, limits.floor_s)
+    # steps completed in this attempt: past start-up even when the poll has not timed two step boundaries
+    # yet (short steps, a checkpoint in between), so a hang in the first steps gets the floor, not startup_s
+    completed = max(b.step - (1 if b.phase == "step" else 0) for b in beats) >= 1
+    if long_phase or (median is None and not completed):
+        allowance = limits.startup_s
+    else:
+        allowance = max(limits.step_factor * median, limits.floor_s) if median is not None else limits.floor_s
     if now - last <= allowance:
         return None
     least = min(b.progress for b in beats)

@@ -45,6 +45,17 @@ def test_long_phases_get_the_startup_allowance_and_export_is_never_a_hang() -> N
     assert verdict([beat(0, 2, "startup", 0.0)], 59.0, StepClock(), LIMITS) is None  # no median yet
 
 
+def test_a_hang_after_the_first_steps_gets_the_floor_even_without_a_median() -> None:
+    """Short steps and a checkpoint between two polls: no two step boundaries timed yet, but steps have
+    completed, so the floor applies, not the start-up allowance (found by benchmarks/recovery_time.py:
+    one hang in eight took 120 s to detect instead of ~6 s)."""
+    hung = [beat(0, 16, "step", 100.0), beat(1, 16, "step", 100.0)]
+    hang = verdict(hung, 105.5, StepClock(), LIMITS)
+    assert hang is not None and hang.allowance_s == LIMITS.floor_s
+    first = [beat(0, 1, "step", 100.0), beat(1, 1, "step", 100.0)]  # the first step may compile: start-up
+    assert verdict(first, 159.0, StepClock(), LIMITS) is None and verdict(first, 161.0, StepClock(), LIMITS)
+
+
 def test_no_false_alarm_in_a_long_noisy_healthy_run() -> None:
     """20,000 steps with log-normal step times (and a slow checkpoint every 500): never a hang."""
     rng = random.Random(7)
