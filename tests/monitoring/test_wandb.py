@@ -114,7 +114,7 @@ def test_wandb_api_key_never_reaches_alerts_console_or_wandb_files(tmp_path: Pat
         state.step = step
         callback.on_step_end(state, SimpleNamespace(  # type: ignore[arg-type]
             step=step, total_steps=5, loss=9.0, grad_norm=1.0, lr=1e-4, step_time_s=0.1, tokens_per_s=1000.0,
-            tflops_per_gpu=1.0, mfu_percent=None, compute_s=0.05, data_wait_s=0.001))
+            tflops_per_gpu=1.0, mfu_percent=None, compute_s=0.05, data_wait_s=0.001, run=None, notices=()))
     callback.record_checkpoint(CheckpointEvent(Operation.SAVE, 2, 1.5, ok=False,
                                                error=f"PutObject denied for https://user:{KEY}@bucket/x"))
     error = PermissionError(f"W&B refused the API key {KEY}")
