@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from pathlib import Path
+from typing import Any, Optional
 
 from monitoring.efa import COUNTERS
 
@@ -29,19 +31,41 @@ def bump(root: Path, device: str, counter: str, by: int) -> None:
 
 class HardwareTimeline(threading.Thread):
     """EFA counters move like a training job's (steady traffic, then a retransmit burst, impaired and
-    unresponsive remotes) and a double-bit ECC error appears, all once the node exporter serves."""
+    unresponsive remotes) and a double-bit ECC error appears, all once the node exporter serves.
 
-    def __init__(self, root: Path, targets: Path, nvml_spec: Path, period_s: float = 0.25):
+    Given a Prometheus, the timeline starts only once Prometheus has scraped the node exporter: a counter
+    that is already 2 at its first sample has no increase, so an error injected before the first scrape
+    (file_sd refresh plus scrape interval, seconds on a loaded machine) would be invisible to the rules."""
+
+    def __init__(self, root: Path, targets: Path, nvml_spec: Path, period_s: float = 0.25,
+                 prometheus: Optional[Any] = None, scrape_timeout_s: float = 60.0):
         super().__init__(daemon=True)
         self.root, self.targets, self.nvml_spec, self.period_s = root, targets, nvml_spec, period_s
+        self.prometheus, self.scrape_timeout_s = prometheus, scrape_timeout_s
         self.stop = threading.Event()
         self.ticks = 0
         # other runs of the session may have left node target files: wait for THIS run's exporter
         self._earlier = {p.name for p in targets.glob("*.node-*.json")}
 
+    def _new_node_files(self) -> set[str]:
+        return {p.name for p in self.targets.glob("*.node-*.json")} - self._earlier
+
+    def _scraped(self, files: set[str]) -> bool:
+        """Prometheus holds at least one successful scrape of one of this run's node exporters."""
+        for target in self.prometheus.targets():
+            path = target.get("discoveredLabels", {}).get("__meta_filepath", "")
+            if Path(path).name in files and target.get("health") == "up":
+                return True
+        return False
+
     def run(self) -> None:
-        while not self.stop.wait(0.2) and not {p.name for p in self.targets.glob("*.node-*.json")} - self._earlier:
+        while not self.stop.wait(0.2) and not self._new_node_files():
             pass
+        if self.prometheus is not None:
+            deadline = time.monotonic() + self.scrape_timeout_s
+            while (not self.stop.wait(0.2) and time.monotonic() < deadline
+                   and not self._scraped(self._new_node_files())):
+                pass
         while not self.stop.wait(self.period_s):
             self.ticks += 1
             for dev in DEVICES:

@@ -69,7 +69,7 @@ def healthy_run(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Itera
     hw = tmp_path_factory.mktemp("hw")
     efa = write_efa_tree(hw / "infiniband", value=1000)
     spec = write_nvml_spec(hw / "nvml.json", xid={"1": 79})
-    timeline = HardwareTimeline(efa, stack.targets, spec)
+    timeline = HardwareTimeline(efa, stack.targets, spec, prometheus=stack.prometheus)
     s3 = MotoServer(hw / "moto", env=CREDENTIALS).start()
     s3.client().create_bucket(Bucket="monitoring-ckpt")
     checkpoints = hw / "checkpoints"
