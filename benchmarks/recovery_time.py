@@ -50,6 +50,20 @@ COMMON = ["config=tiny_local", "cluster.gpus_per_node=2", f"training.train_steps
           "checkpoint.enabled=true", f"checkpoint.save_interval={INTERVAL}", "resilience.max_restarts=1",
           "monitoring.prometheus=false", "monitoring.straggler.enabled=false"]
 FAILED = re.compile(r"failed \(exitcode: -?\d+\) local_rank")
+# torchrun's own log prefix (glog style, local time): E1204 13:52:50.263000 7520 .../api.py:1002] failed ...
+GLOG = re.compile(r"\b[EWI](\d\d)(\d\d) (\d\d):(\d\d):(\d\d)\.(\d{6}) \d+ ")
+
+
+def logged_at(line: str, read_at: float) -> float:
+    """When torchrun wrote the line (its own timestamp): the time it is read here lags by the launcher's
+    output relay, which made the restart after a killed rank come out negative."""
+    m = GLOG.search(line)
+    if not m:
+        return read_at
+    month, day, hh, mm, ss, us = map(int, m.groups())
+    year = time.localtime(read_at).tm_year
+    t = time.mktime((year, month, day, hh, mm, ss, 0, 0, -1)) + us / 1e6
+    return t if abs(t - read_at) < 300 else read_at  # a year boundary or a clock oddity: the read time
 
 
 @dataclass
@@ -124,7 +138,7 @@ def killed(root: Path) -> Recovery:
     os.kill(_rank_pid(run.proc.pid, "1"), signal.SIGKILL)
     t_kill = time.time()
     run_dir = run.finish(timeout=300)
-    noticed = next(t for t, line in run.lines if t >= t_kill and FAILED.search(line))
+    noticed = next(logged_at(line, t) for t, line in run.lines if t >= t_kill and FAILED.search(line))
     r = _restart(run_dir)
     return Recovery("killed rank", noticed - t_kill, r["process_start"] - noticed, r["reload_s"], r["redone_s"],
                     r["redone_steps"])

@@ -25,7 +25,7 @@ from configs.monitoring_config import PlanCheckConfig
 from tests.e2e import ROOT, only_run
 from tests.faults import fault_env
 from trainer import metrics
-from trainer.goodput import GoodputLedger
+from trainer.goodput import GoodputLedger, process_start_time
 from trainer.plan_check import Measured, Prediction, compare
 from trainer.progress import Progress
 
@@ -70,6 +70,25 @@ def test_ledger_is_inert_off_rank_zero(tmp_path: Path) -> None:
     ledger.step(1, 1.0, 0.0)
     ledger.save(force=True)
     assert not (tmp_path / "goodput.json").exists() and ledger.state.total == 0.0
+
+
+def test_process_start_is_the_real_start_not_a_whole_second_early() -> None:
+    # psutil's create_time adds the start tick to a boot time /proc/stat rounds down to the second:
+    # early by up to 1 s (0.35 s on the machine this was written on), which the ledger booked as
+    # "reload" instead of "restart"
+    before = time.time()
+    child = subprocess.Popen([sys.executable, "-c", "import time; print(time.time(), flush=True); time.sleep(30)"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        first_statement = float(child.stdout.readline())
+        started = process_start_time(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+    assert started is not None
+    assert before - 0.03 <= started <= first_statement, (before, started, first_statement)
+    assert abs(process_start_time() - psutil.Process().create_time()) < 1.5  # same clock, same process
 
 
 def test_eta_converges_and_milestones_fire_once() -> None:

@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional
 
 from cluster.heartbeat import current_attempt, read_beats
 from configs.schema import RootConfig
-from trainer.goodput import CATEGORIES, GoodputLedger
+from trainer.goodput import CATEGORIES, GoodputLedger, process_start_time
 from trainer.metrics import human_duration
 from trainer.plan_check import Measured, PlanComparison, compare, read_prediction
 from trainer.progress import Notice, Progress, RunProgress
@@ -243,7 +243,7 @@ class RunTracker:
 
 def _previous_progress(run_dir: str) -> Optional[tuple[float, int]]:
     """(time, step) of the newest heartbeat an earlier process left (read before this attempt beats)."""
-    started = _process_start()
+    started = process_start_time() or time.time()
     attempt = current_attempt()
     try:  # another attempt's beats; a rank of this attempt may already have beaten (newer than our start)
         beats = [b for b in read_beats(run_dir) if b.attempt != attempt or b.time < started]
@@ -254,15 +254,6 @@ def _previous_progress(run_dir: str) -> Optional[tuple[float, int]]:
     newest = max(beats, key=lambda b: b.time)
     done = [b.step - (1 if b.phase == "step" else 0) for b in beats if b.attempt == newest.attempt]
     return newest.time, max(done)
-
-
-def _process_start() -> float:
-    try:
-        import psutil
-
-        return float(psutil.Process(os.getpid()).create_time())
-    except Exception:
-        return time.time()
 
 
 def _hang_since(run_dir: Optional[str], since: float) -> Optional[dict[str, Any]]:
