@@ -190,18 +190,19 @@ def _load(path: Path) -> LedgerState:
 
 
 def process_start_time(pid: Optional[int] = None) -> Optional[float]:
-    """When a process (default: this one) started, in wall-clock seconds, to about 10 ms.
+    """When a process (default: this one) started, in wall-clock seconds, to one clock tick (10 ms).
 
-    Not ``psutil.Process.create_time()``: it adds the start tick to the boot time that /proc/stat
+    Not ``psutil.Process.create_time()`` alone: it adds the start tick to the boot time that /proc/stat
     rounds down to a whole second, so it is early by up to a second (0.2-0.4 s measured), which
     moved that much of a restart's time from "restart" to "reload" in the ledger. Here the process's
-    age (CLOCK_BOOTTIME now minus its start tick) is subtracted from the wall clock instead."""
+    age (CLOCK_BOOTTIME now minus its start tick since boot) is subtracted from the wall clock."""
+    import psutil
+
     try:
-        stat = Path(f"/proc/{pid or os.getpid()}/stat").read_text()
-        start_ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22; the name may hold spaces
-        age = time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
-        return time.time() - age
-    except (OSError, ValueError, IndexError, AttributeError):  # no /proc (macOS): the caller starts now
+        boot = psutil.boot_time()  # first: psutil < 7 adds the boot time this call cached
+        since_boot = psutil.Process(pid or os.getpid()).create_time() - boot
+        return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - since_boot)
+    except (psutil.Error, OSError, AttributeError):  # /proc unreadable, no CLOCK_BOOTTIME: the caller starts now
         return None
 
 
